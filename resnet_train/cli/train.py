@@ -1,0 +1,49 @@
+"""resnet-train --config c.yaml [key=value ...] [--print-config]"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import dump, help_text, load_config
+from . import run_main
+
+DESCRIPTION = """Train a ResNet from a YAML config.
+
+Overrides are positional dotted key=value pairs, parsed to the key's type, e.g.
+  resnet-train --config configs/cifar10_resnet20.yaml optim.lr=0.05 schedule.milestones=[80,120]
+
+Exit codes: 0 done (or the run was already complete), 1 internal error or non-finite loss,
+2 user error (config, path, data, checkpoint), 3 stopped by a signal after saving last.pt
+(run the same command to resume), 130 interrupted.
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="resnet-train", description=DESCRIPTION,
+        epilog="config keys (type, default, help):\n" + help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config file (base: chains are followed)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the fully resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+
+    def body() -> int:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            sys.stdout.write(dump(cfg))
+            return 0
+        from ..trainer import Trainer
+        return Trainer(cfg).fit()
+
+    return run_main("resnet-train", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

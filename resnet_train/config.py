@@ -1,0 +1,560 @@
+"""The config schema (one dataclass field per key: type, default, help) and its loading.
+
+Only this module reads YAML, and only with ``yaml.safe_load``. A config is loaded as
+defaults <- ``base:`` chain <- file <- command-line ``key=value`` overrides, then validated.
+The result is a frozen ``Config``; ``--help``, ``--print-config`` and validation all come
+from the dataclasses below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+
+def opt(default: Any, help: str, *, min: float | None = None, min_open: bool = False,
+        max: float | None = None, max_open: bool = False):
+    """A schema field: default, one-line help and an optional numeric range."""
+    meta = {"help": help, "min": min, "min_open": min_open, "max": max, "max_open": max_open}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = opt("run", "run name; the run directory defaults to runs/<name>")
+    dir: Optional[str] = opt(None, "run directory (default runs/<run.name>)")
+    seed: int = opt(0, "seed for weights, data order and augmentation")
+    deterministic: bool = opt(False, "deterministic kernels; CPU resume is then bitwise exact")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "training device; auto = cuda if available")
+    log_every: int = opt(50, "steps between plain-text progress lines when stdout is not a TTY", min=1)
+    progress: Literal["auto", "bar", "lines", "none"] = opt(
+        "auto", "console progress: tqdm bar on a TTY, plain lines otherwise (auto)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = opt("resnet20", "architecture, e.g. resnet20, resnet50, plain34, preact_resnet164")
+    variant: Optional[Literal["v1", "v1.5"]] = opt(
+        None, "ImageNet bottleneck stride: v1 in the 1x1 (paper), v1.5 in the 3x3 (default)")
+    shortcut: Optional[Literal["A", "B", "C", "none"]] = opt(
+        None, "A zero-pad identity, B projection on change, C projection always, none = plain")
+    unit: Optional[Literal["original", "bn_after_add", "relu_before_add", "relu_only_preact",
+                           "full_preact"]] = opt(None, "residual unit order (He et al. 2016 Fig. 4)")
+    zero_init_residual: bool = opt(False, "zero the last BN gamma of each residual branch")
+    width: Optional[int] = opt(None, "base width override (64 ImageNet, 16 CIFAR)", min=1)
+    log_block_norms: bool = opt(False, "log ||F(x)||/||x|| per residual block to TensorBoard")
+
+
+@dataclass(frozen=True)
+class TrainAugConfig:
+    aug: Literal["paper", "random_resized_crop", "cifar", "none"] = opt(
+        "paper", "train augmentation: paper scale aug, random_resized_crop, cifar pad-crop, none")
+    scale: list[int] = opt([256, 480], "paper aug: short side drawn from [min, max]")
+    crop: int = opt(224, "train crop size", min=1)
+    rrc_scale: list[float] = opt([0.08, 1.0], "random_resized_crop area range")
+    rrc_ratio: list[float] = opt([0.75, 1.3333333], "random_resized_crop aspect-ratio range")
+    flip: bool = opt(True, "random horizontal flip, p=0.5")
+    pad: int = opt(4, "cifar aug: zero padding before the random crop", min=0)
+    pca_lighting: float = opt(0.0, "AlexNet PCA lighting alpha std (paper: 0.1)", min=0)
+    color_jitter: float = opt(0.0, "brightness/contrast/saturation jitter strength", min=0)
+
+
+@dataclass(frozen=True)
+class ValAugConfig:
+    resize: int = opt(256, "validation short side", min=1)
+    crop: int = opt(224, "validation centre crop", min=1)
+    protocol: Literal["center", "ten_crop", "multiscale"] = opt(
+        "center", "test views: centre crop, 10-crop, or full images at val.scales (folders)")
+    scales: list[int] = opt([224, 256, 384, 480, 640],
+                            "multiscale protocol: short sides of the fully-convolutional test", min=1)
+    flip: bool = opt(False, "multiscale protocol: also average the horizontal flips")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["synthetic", "synthetic_imagenet", "cifar10", "cifar100", "imagenet",
+                     "folder"] = opt("synthetic", "dataset")
+    root: Optional[str] = opt(None, "dataset root directory (not needed for synthetic)")
+    batch_size: int = opt(256, "GLOBAL batch size, split across ranks", min=1)
+    workers: int = opt(4, "loader worker processes per rank (folder datasets)", min=0)
+    num_classes: Optional[int] = opt(None, "number of classes (default: from the dataset)", min=1)
+    image_size: int = opt(32, "synthetic: image side in pixels", min=8)
+    train_samples: int = opt(20000, "synthetic: training images per epoch", min=1)
+    val_samples: int = opt(2000, "synthetic: validation images (fixed set)", min=1)
+    synthetic_classes: int = opt(10, "synthetic: number of classes (10..16)", min=10, max=16)
+    train_dir: str = opt("train", "folder datasets: training split directory")
+    val_dir: str = opt("val", "folder datasets: validation split directory")
+    val_split: Literal["test", "holdout"] = opt(
+        "test", "CIFAR validation: the test set, or a seeded holdout from train (paper 45k/5k)")
+    holdout_size: int = opt(5000, "CIFAR holdout: images held out of train", min=1)
+    holdout_seed: int = opt(0, "CIFAR holdout: seed of the split (fixed across runs)")
+    cifar100_labels: Literal["fine", "coarse"] = opt(
+        "fine", "CIFAR-100: the 100 fine labels or the 20 coarse superclasses")
+    download: bool = opt(False, "CIFAR: download and verify the archive if missing")
+    normalize: Literal["channel", "pixel_mean"] = opt(
+        "channel", "mean subtraction per channel, or the per-pixel mean image of the train set")
+    mean: Optional[list[float]] = opt(None, "per-channel mean in [0,1] (default: dataset's)")
+    std: Optional[list[float]] = opt(None, "per-channel std in [0,1] (default: dataset's)")
+    divide_std: bool = opt(True, "divide by the std after mean subtraction")
+    pixel_mean_samples: int = opt(
+        10000, "folder pixel_mean: training images averaged (evenly spaced; 0 = all)", min=0)
+    on_bad_image: Literal["skip", "error"] = opt(
+        "skip", "unreadable image: skip (replace, report) or error (stop with the path)")
+    pin_memory: bool = opt(True, "pinned host memory for loader batches (CUDA)")
+    prefetch: int = opt(4, "batches prefetched per worker", min=1)
+    train: TrainAugConfig = field(default_factory=TrainAugConfig)
+    val: ValAugConfig = field(default_factory=ValAugConfig)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = opt(0.1, "learning rate for the global batch", min=0, min_open=True)
+    momentum: float = opt(0.9, "SGD momentum", min=0, max=1, max_open=True)
+    weight_decay: float = opt(1e-4, "L2 weight decay", min=0)
+    nesterov: bool = opt(False, "Nesterov momentum")
+    no_decay_bn_bias: bool = opt(False, "no weight decay on BN parameters and biases")
+    lr_scaling: Literal["none", "linear"] = opt("none", "linear: lr x global_batch / 256")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: Literal["constant", "step", "multistep", "plateau", "cosine"] = opt(
+        "multistep", "lr schedule")
+    unit: Literal["epoch", "iter"] = opt("epoch", "unit of step_size / milestones")
+    step_size: int = opt(30, "step: decay every step_size units", min=1)
+    milestones: list[int] = opt([100, 150], "multistep: decay at these epochs / iterations")
+    gamma: float = opt(0.1, "decay factor", min=0, min_open=True, max=1)
+    patience: int = opt(5, "plateau: epochs without improvement before a decay", min=0)
+    threshold: float = opt(1e-3, "plateau: minimal absolute decrease of val error", min=0)
+    min_lr: float = opt(0.0, "lower bound of the lr (plateau, cosine)", min=0)
+    warmup: int = opt(0, "linear warm-up length (warmup_unit) from warmup_start_factor x lr", min=0)
+    warmup_unit: Literal["epoch", "iter"] = opt("epoch", "unit of the warm-up length")
+    warmup_start_factor: float = opt(0.1, "lr factor at the start of the linear warm-up", min=0)
+    low_lr_until_error: Optional[float] = opt(
+        None, "ResNet-110 warm-up: lr x low_lr_factor until train error < this", min=0, max=1)
+    low_lr_factor: float = opt(0.1, "ResNet-110 warm-up: lr factor while the error is high",
+                               min=0, min_open=True)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = opt(160, "training epochs", min=1)
+    iterations: Optional[int] = opt(None, "training length in iterations (overrides epochs)", min=1)
+    amp: Literal["auto", "none", "bf16", "fp16"] = opt("auto", "mixed precision")
+    channels_last: Literal["auto", "true", "false"] = opt("auto", "NHWC memory format")
+    compile: bool = opt(False, "torch.compile the model")
+    label_smoothing: float = opt(0.0, "label smoothing", min=0, max=1, max_open=True)
+    accum_steps: int = opt(1, "gradient accumulation micro-steps per optimizer step", min=1)
+    max_bad_steps: int = opt(5, "consecutive non-finite losses before stopping", min=1)
+    eval_every: int = opt(1, "validate every N epochs (and always at the end)", min=1)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    resume: str = opt("auto", "auto (newest in the run dir), none, or a checkpoint path")
+    every_steps: int = opt(0, "also save last.pt every N steps (0 = off)", min=0)
+    every_epochs: int = opt(0, "keep epoch_NNN.pt every N epochs (0 = off)", min=0)
+    keep_last: int = opt(3, "epoch_NNN.pt files kept (0 = all)", min=0)
+    signals: list[str] = opt(["SIGTERM", "SIGUSR1"], "signals that save last.pt and exit")
+    signal_check_every: int = opt(10, "DDP: steps between agreeing on a received signal", min=1)
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return self.run.dir or os.path.join("runs", self.run.name)
+
+
+# --------------------------------------------------------------------------- introspection
+
+
+def _is_section(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def iter_keys(cls=Config, prefix: str = ""):
+    """Yield (dotted_key, type, field) for every leaf key of the schema."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section(tp):
+            yield from iter_keys(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", tp, f
+
+
+def type_name(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        inner = [a for a in args if a is not type(None)]
+        return f"{type_name(inner[0])} or null"
+    if origin is Literal:
+        return "one of " + "|".join(str(a) for a in args)
+    if origin is list:
+        return f"list[{type_name(args[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _default_of(f) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()
+
+
+def help_text() -> str:
+    """Every key with its type, default and help: the body of ``resnet-train --help``."""
+    lines = []
+    for key, tp, f in iter_keys():
+        default = _default_of(f)
+        lines.append(f"  {key} ({type_name(tp)}, default {_yaml_scalar(default)})\n"
+                     f"      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def _yaml_scalar(v: Any) -> str:
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+# --------------------------------------------------------------------------- coercion
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Convert a YAML or command-line value to the declared type, or raise ConfigError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def bad():
+        return ConfigError(f"{key}: expected {type_name(tp)}, got {value!r}")
+
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")
+                             and str not in args):
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        try:
+            return _coerce(value, inner, key)
+        except ConfigError:
+            raise bad() from None
+    if origin is Literal:
+        for a in args:
+            if value == a or (isinstance(value, bool) and str(value).lower() == a) or (
+                    isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and str(value) == a):
+                return a
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+    if origin is list:
+        if isinstance(value, str):
+            parsed = _parse_scalar(value)
+            value = parsed if isinstance(parsed, list) else [parsed]
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
+            return False
+        raise bad()
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                try:
+                    f = float(value)
+                except ValueError:
+                    raise bad() from None
+                if f.is_integer():
+                    return int(f)
+        raise bad()
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-4" as a string
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad()
+    raise bad()
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _all_keys() -> list[str]:
+    keys = [k for k, _, _ in iter_keys()]
+    sections = {k.rsplit(".", 1)[0] for k in keys if "." in k}
+    return keys + sorted(sections)
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.5)
+    if not close:  # a misspelt leaf under the right section
+        leaf = key.rsplit(".", 1)[-1]
+        close = difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in _all_keys()], n=1)
+        close = [k for k in _all_keys() if close and k.endswith("." + close[0])][:1]
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _build(cls, values: dict[str, Any], prefix: str = ""):
+    hints = _hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if _is_section(tp):
+            sub = values.get(f.name, {})
+            if sub is None:
+                sub = {}
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{key}: expected a mapping of keys, got {sub!r}")
+            kwargs[f.name] = _build(tp, sub, key + ".")
+        elif f.name in values:
+            kwargs[f.name] = _coerce(values[f.name], tp, key)
+    for name in values:
+        if name not in {f.name for f in dataclasses.fields(cls)}:
+            raise _unknown(f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str, _chain: tuple[str, ...] = ()) -> dict:
+    """Read a config file, resolving ``base:`` (relative to the file) recursively."""
+    path = os.path.abspath(path)
+    if path in _chain:
+        raise ConfigError(f"{path}: 'base' inheritance loops back to this file")
+    if not os.path.isfile(path):
+        what = "base config file" if _chain else "config file"
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{where}: malformed YAML: {problem}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: 'base' must be a file path, got {base!r}")
+        base_path = os.path.join(os.path.dirname(path), base)
+        data = _merge(read_yaml(base_path, _chain + (path,)), data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b=value' -> (['a', 'b'], raw value) with the value left for type coercion."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    return key.split("."), raw
+
+
+def _apply_override(data: dict, text: str) -> dict:
+    parts, raw = parse_override(text)
+    key = ".".join(parts)
+    leaf_types = {k: tp for k, tp, _ in iter_keys()}
+    if key not in leaf_types:
+        raise _unknown(key)
+    tp = leaf_types[key]
+    # Strings stay verbatim (a run name "1e3" is a name); everything else is parsed as YAML,
+    # then coerced to the declared type.
+    value: Any = raw
+    if not _accepts_plain_str(tp):
+        value = _parse_scalar(raw)
+    elif raw.strip().lower() in ("null", "~") and _is_optional(tp):
+        value = None
+    out = dict(data)
+    node = out
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        node[p] = dict(nxt) if isinstance(nxt, dict) else {}
+        node = node[p]
+    node[parts[-1]] = value
+    return out
+
+
+def _is_optional(tp) -> bool:
+    return type(None) in typing.get_args(tp)
+
+
+def _accepts_plain_str(tp) -> bool:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return _accepts_plain_str(args[0])
+    return tp is str or typing.get_origin(tp) is Literal
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                data: dict | None = None, base: dict | None = None) -> Config:
+    """Load, merge, override and validate a config; raise ConfigError on any problem.
+
+    Precedence, lowest first: schema defaults, ``base`` (e.g. a checkpoint's stored config),
+    the file at ``path``, ``data``, then the ``key=value`` overrides.
+    """
+    values: dict = dict(base or {})
+    if path is not None:
+        values = _merge(values, read_yaml(path))
+    if data is not None:
+        values = _merge(values, data)
+    for text in overrides:
+        values = _apply_override(values, text)
+    cfg = _build(Config, values)
+    validate(cfg)
+    return cfg
+
+
+def from_dict(values: dict) -> Config:
+    """A Config from a plain dict (a checkpoint's stored config), validated."""
+    cfg = _build(Config, values)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def replace(cfg: Config, **dotted: Any) -> Config:
+    """A copy of cfg with dotted keys replaced, e.g. replace(cfg, **{"train.epochs": 3})."""
+    values = to_dict(cfg)
+    for key, v in dotted.items():
+        node = values
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = v
+    return from_dict(values)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_ranges(obj, prefix: str = "") -> None:
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if _is_section(hints[f.name]):
+            _check_ranges(value, key + ".")
+            continue
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if lo is None and hi is None or value is None:
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if lo is not None and (v < lo or (f.metadata["min_open"] and v == lo)):
+                op = ">" if f.metadata["min_open"] else ">="
+                raise ConfigError(f"{key}: must be {op} {lo}, got {v}")
+            if hi is not None and (v > hi or (f.metadata["max_open"] and v == hi)):
+                op = "<" if f.metadata["max_open"] else "<="
+                raise ConfigError(f"{key}: must be {op} {hi}, got {v}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and cross-key checks; raise ConfigError naming the key."""
+    _check_ranges(cfg)
+    d, t = cfg.data, cfg.data.train
+    if len(t.scale) != 2 or t.scale[0] > t.scale[1] or t.scale[0] < 1:
+        raise ConfigError(f"data.train.scale: expected [min, max] with 1 <= min <= max, got {t.scale}")
+    if t.aug == "paper" and d.dataset in ("imagenet", "folder") and t.crop > t.scale[0]:
+        raise ConfigError(f"data.train.crop: {t.crop} is larger than the smallest scale "
+                          f"data.train.scale[0]={t.scale[0]}")
+    if d.val.crop > d.val.resize:
+        raise ConfigError(f"data.val.crop: {d.val.crop} is larger than data.val.resize={d.val.resize}")
+    for key, pair in (("data.train.rrc_scale", t.rrc_scale), ("data.train.rrc_ratio", t.rrc_ratio)):
+        if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
+            raise ConfigError(f"{key}: expected [min, max] with 0 < min <= max, got {pair}")
+    for key, v in (("data.mean", d.mean), ("data.std", d.std)):
+        if v is not None and len(v) != 3:
+            raise ConfigError(f"{key}: expected 3 values (RGB), got {v}")
+    if d.std is not None and any(s <= 0 for s in d.std):
+        raise ConfigError(f"data.std: every value must be > 0, got {d.std}")
+    if d.dataset in ("cifar10", "cifar100", "imagenet", "folder") and not d.root:
+        raise ConfigError(f"data.root: required for data.dataset={d.dataset}")
+    if d.dataset in ("imagenet", "folder") and d.root and not os.path.isdir(d.root):
+        raise ConfigError(f"data.root: directory not found: {d.root}")
+    if d.dataset in ("cifar10", "cifar100") and d.root and not d.download \
+            and not os.path.isdir(d.root):
+        raise ConfigError(f"data.root: directory not found: {d.root} (set data.download=true)")
+    if cfg.optim.nesterov and cfg.optim.momentum == 0:
+        raise ConfigError("optim.nesterov: Nesterov momentum needs optim.momentum > 0")
+    s = cfg.schedule
+    if s.name == "multistep" and sorted(s.milestones) != list(s.milestones):
+        raise ConfigError(f"schedule.milestones: must be increasing, got {s.milestones}")
+    if any(m < 0 for m in s.milestones):
+        raise ConfigError(f"schedule.milestones: must be >= 0, got {s.milestones}")
+    import signal as _signal
+    for name in cfg.checkpoint.signals:
+        if not isinstance(getattr(_signal, name, None), _signal.Signals):
+            raise ConfigError(f"checkpoint.signals: unknown signal {name!r}")

@@ -1,0 +1,74 @@
+"""Datasets as epoch loaders of uint8 NCHW batches, plus the on-device preparation.
+
+``build_data(cfg, device, rank, world)`` returns a ``DataBundle``. A loader yields
+``(images_uint8_nchw, labels_int64)`` for ``batches(epoch, start)``; the trainer moves the
+batch to the device (if it is not there already) and applies ``train_prep`` / ``val_prep``
+(float conversion, normalisation, PCA lighting), batched. A new dataset is one module here
+and one entry in ``BUILDERS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from ..config import Config
+from ..errors import ConfigError
+
+
+class Loader:
+    """Base of every split loader; subclasses set ``num_samples`` and implement the rest."""
+
+    num_samples: int = 0
+
+    def __len__(self) -> int:  # batches per epoch on this rank
+        raise NotImplementedError
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of one epoch beginning at batch ``start`` (mid-epoch resume)."""
+        raise NotImplementedError
+
+    def bad_report(self) -> tuple[int, list[str]]:
+        """(count, first paths) of images skipped as unreadable since the last call."""
+        return 0, []
+
+    def close(self) -> None:
+        """Release workers; the loader is not used afterwards."""
+
+
+@dataclass
+class DataBundle:
+    train: Loader
+    val: Loader
+    num_classes: int
+    train_prep: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
+    val_prep: Callable[[torch.Tensor], torch.Tensor]
+    info: dict = field(default_factory=dict)
+
+
+# dataset name -> "module:function"; each builder has the signature of build_data.
+BUILDERS = {
+    "synthetic": "synthetic:build_synthetic",
+    "synthetic_imagenet": "synthetic:build_synthetic_imagenet",
+    "cifar10": "cifar:build_cifar",
+    "cifar100": "cifar:build_cifar",
+    "imagenet": "folder:build_folder",
+    "folder": "folder:build_folder",
+}
+
+
+def build_data(cfg: Config, device: torch.device, rank: int = 0, world: int = 1,
+               run_dir: str | None = None) -> DataBundle:
+    """The train and validation loaders and on-device preparation for ``cfg.data``."""
+    if cfg.data.batch_size % world:
+        raise ConfigError(f"data.batch_size: global batch {cfg.data.batch_size} is not divisible "
+                          f"by the world size {world}")
+    if cfg.data.batch_size % (world * cfg.train.accum_steps):
+        raise ConfigError(f"train.accum_steps: per-rank batch {cfg.data.batch_size // world} is "
+                          f"not divisible by accum_steps={cfg.train.accum_steps}")
+    module, fn = BUILDERS[cfg.data.dataset].split(":")
+    builder = getattr(importlib.import_module(f"{__name__}.{module}"), fn)
+    return builder(cfg, device, rank, world, run_dir)

@@ -1,0 +1,98 @@
+"""Process-group setup from torchrun / SLURM environment, rank helpers and reductions."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def _env_from_slurm() -> None:
+    """Fill torchrun-style variables from SLURM's when a job step was started by plain srun."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_ADDR" not in os.environ:
+        nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+        # First host of a simple list "host[1-3],x" -> "host1"; scontrol is the robust way and
+        # scripts/slurm_train.sbatch sets MASTER_ADDR itself.
+        first = nodes.split(",")[0]
+        if "[" in first:
+            stem, rng = first.split("[", 1)
+            first = stem + rng.split("-")[0].split(",")[0].rstrip("]")
+        os.environ["MASTER_ADDR"] = first or "127.0.0.1"
+
+
+def init(device_kind: str) -> DistInfo:
+    """Join the process group when launched by torchrun (or srun); a no-op otherwise."""
+    _env_from_slurm()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if device_kind == "cuda" else "gloo"
+    if device_kind == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        # A bounded timeout: a dead peer turns a collective into an error, never a hang.
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+    return DistInfo(rank, world, local_rank)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], device: torch.device, info: DistInfo) -> list[float]:
+    """Sum a few floats over ranks (one collective); identity on one process."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if info.enabled:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool, device: torch.device, info: DistInfo) -> bool:
+    """True on every rank if it is true on any rank."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's object on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

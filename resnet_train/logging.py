@@ -1,0 +1,121 @@
+"""Where numbers go: TensorBoard, metrics.jsonl and the console (tqdm bar or plain lines)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+from tqdm import tqdm
+
+
+def say(msg: str) -> None:
+    """A console line that doesn't tear an active tqdm bar."""
+    tqdm.write(msg, file=sys.stdout)
+    sys.stdout.flush()
+
+
+class RunLogger:
+    """Rank 0's writer of metrics.jsonl and TensorBoard scalars; inert on other ranks."""
+
+    def __init__(self, run_dir: str, enabled: bool, resume_step: int = 0,
+                 resume_epoch: int | None = None):
+        self.enabled = enabled
+        self.tb = None
+        self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        if not enabled:
+            return
+        if resume_epoch is not None:
+            self._drop_after(resume_epoch)
+        from torch.utils.tensorboard import SummaryWriter
+        # purge_step hides events from steps that a resumed run repeats; events are logged
+        # at the global step reached, so those at resume_step itself are kept.
+        self.tb = SummaryWriter(os.path.join(run_dir, "tb"),
+                                purge_step=resume_step + 1 if resume_step > 0 else None)
+
+    def _drop_after(self, epoch: int) -> None:
+        """Forget metric lines of epochs that the resumed run will train again."""
+        if not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path, encoding="utf-8") as fh:
+            lines = [ln for ln in fh if ln.strip()]
+        keep = []
+        for ln in lines:
+            try:
+                rec = json.loads(ln)
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash
+            if rec.get("kind", "epoch") != "epoch" or rec.get("epoch", -1) < epoch:
+                keep.append(json.dumps(rec) + "\n")
+        tmp = self.metrics_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(keep)
+        os.replace(tmp, self.metrics_path)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.tb is None:
+            return
+        for k, v in values.items():
+            if v is not None and math.isfinite(v):
+                self.tb.add_scalar(k, v, step)
+
+    def record(self, rec: dict) -> None:
+        """Append one JSON object to metrics.jsonl."""
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+            self.tb = None
+
+
+class Progress:
+    """Per-epoch progress: a tqdm bar on a terminal, a plain line every N steps otherwise."""
+
+    def __init__(self, mode: str, enabled: bool, every: int):
+        if mode == "auto":
+            mode = "bar" if sys.stdout.isatty() else "lines"
+        self.mode = mode if enabled else "none"
+        self.every = every
+        self.bar = None
+        self.t0 = time.perf_counter()
+
+    def start(self, epoch: int, total: int, start: int) -> None:
+        self.epoch, self.total = epoch, total
+        self.t0, self.n0 = time.perf_counter(), start
+        if self.mode == "bar":
+            self.bar = tqdm(total=total, initial=start, desc=f"epoch {epoch}", dynamic_ncols=True,
+                            leave=False, file=sys.stdout)
+
+    def wants(self, step: int) -> bool:
+        """Whether the values for ``step`` will be shown (so the caller reads them only then)."""
+        if self.mode == "bar":
+            return step % max(1, min(self.every, 10)) == 0 or step == self.total
+        return self.mode == "lines" and (step % self.every == 0 or step == self.total)
+
+    def update(self, step: int, values: dict[str, float]) -> None:
+        if self.mode == "bar" and self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix({k: _fmt(v) for k, v in values.items()}, refresh=True)
+        elif self.mode == "lines":
+            body = " ".join(f"{k} {_fmt(v)}" for k, v in values.items())
+            say(f"epoch {self.epoch} step {step}/{self.total} {body}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, int) or (abs(v) >= 100 and float(v).is_integer()):
+        return f"{v:.0f}"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    return f"{v:.4g}"

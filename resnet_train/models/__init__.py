@@ -1,0 +1,168 @@
+"""The ResNet family, selected by name: `build_model(arch, num_classes, **options)`.
+
+A new architecture is one entry in `ARCH_SPECS`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from resnet_train.errors import UserError
+from resnet_train.models.blocks import (SHORTCUTS, UNITS, BasicBlock, Bottleneck, ResidualBlock,
+                                        collect_block_norms, set_report_norms)
+from resnet_train.models.cifar import CifarResNet
+from resnet_train.models.imagenet import ImageNetResNet
+
+__all__ = ["ARCHS", "ARCH_SPECS", "OPTIONS", "SHORTCUTS", "UNITS", "ArchSpec", "ResidualBlock",
+           "arch_family", "build_model", "collect_block_norms", "set_report_norms"]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One named network: its family, block, blocks per stage and default options."""
+
+    family: str  # key of FAMILIES
+    block: type[ResidualBlock]
+    layers: tuple[int, ...]
+    shortcut: str  # default shortcut
+    unit: str = "original"  # default unit
+    pinned: tuple[str, ...] = ()  # options the name itself fixes (plain*, preact_*)
+
+
+@dataclass(frozen=True)
+class Family:
+    network: type[nn.Module]
+    width: int  # base width of the paper
+    variants: tuple[str, ...]  # first is the default
+
+
+FAMILIES = {
+    "imagenet": Family(ImageNetResNet, 64, ("v1.5", "v1")),
+    # Kaiming's CIFAR bottleneck code strides in the first 1x1; basic blocks have no choice.
+    "cifar": Family(CifarResNet, 16, ("v1",)),
+}
+
+_B, _P = BasicBlock, Bottleneck
+_PLAIN = dict(shortcut="none", pinned=("shortcut",))
+_PREACT = dict(unit="full_preact", pinned=("unit",))
+
+ARCH_SPECS: dict[str, ArchSpec] = {
+    # He et al. 2015, Table 1; resnet200 from He et al. 2016, Table 5
+    "resnet18": ArchSpec("imagenet", _B, (2, 2, 2, 2), "B"),
+    "resnet34": ArchSpec("imagenet", _B, (3, 4, 6, 3), "B"),
+    "resnet50": ArchSpec("imagenet", _P, (3, 4, 6, 3), "B"),
+    "resnet101": ArchSpec("imagenet", _P, (3, 4, 23, 3), "B"),
+    "resnet152": ArchSpec("imagenet", _P, (3, 8, 36, 3), "B"),
+    "resnet200": ArchSpec("imagenet", _P, (3, 24, 36, 3), "B"),
+    "plain18": ArchSpec("imagenet", _B, (2, 2, 2, 2), **_PLAIN),
+    "plain34": ArchSpec("imagenet", _B, (3, 4, 6, 3), **_PLAIN),
+    "plain50": ArchSpec("imagenet", _P, (3, 4, 6, 3), **_PLAIN),
+    "plain101": ArchSpec("imagenet", _P, (3, 4, 23, 3), **_PLAIN),
+    "plain152": ArchSpec("imagenet", _P, (3, 8, 36, 3), **_PLAIN),
+    "preact_resnet18": ArchSpec("imagenet", _B, (2, 2, 2, 2), "B", **_PREACT),
+    "preact_resnet34": ArchSpec("imagenet", _B, (3, 4, 6, 3), "B", **_PREACT),
+    "preact_resnet50": ArchSpec("imagenet", _P, (3, 4, 6, 3), "B", **_PREACT),
+    "preact_resnet101": ArchSpec("imagenet", _P, (3, 4, 23, 3), "B", **_PREACT),
+    "preact_resnet152": ArchSpec("imagenet", _P, (3, 8, 36, 3), "B", **_PREACT),
+    "preact_resnet200": ArchSpec("imagenet", _P, (3, 24, 36, 3), "B", **_PREACT),
+    # CIFAR, depth 6n+2 (He et al. 2015, Sec. 4.2)
+    "resnet20": ArchSpec("cifar", _B, (3, 3, 3), "A"),
+    "resnet32": ArchSpec("cifar", _B, (5, 5, 5), "A"),
+    "resnet44": ArchSpec("cifar", _B, (7, 7, 7), "A"),
+    "resnet56": ArchSpec("cifar", _B, (9, 9, 9), "A"),
+    "resnet110": ArchSpec("cifar", _B, (18, 18, 18), "A"),
+    "resnet1202": ArchSpec("cifar", _B, (200, 200, 200), "A"),
+    "plain20": ArchSpec("cifar", _B, (3, 3, 3), **_PLAIN),
+    "plain32": ArchSpec("cifar", _B, (5, 5, 5), **_PLAIN),
+    "plain44": ArchSpec("cifar", _B, (7, 7, 7), **_PLAIN),
+    "plain56": ArchSpec("cifar", _B, (9, 9, 9), **_PLAIN),
+    "plain110": ArchSpec("cifar", _B, (18, 18, 18), **_PLAIN),
+    "preact_resnet110": ArchSpec("cifar", _B, (18, 18, 18), "A", **_PREACT),
+    # CIFAR, depth 9n+2 bottleneck (He et al. 2016). The first unit already changes width
+    # (16 -> 64), so option A would zero-pad 3/4 of it: project instead.
+    "resnet164": ArchSpec("cifar", _P, (18, 18, 18), "B"),
+    "resnet1001": ArchSpec("cifar", _P, (111, 111, 111), "B"),
+    "preact_resnet164": ArchSpec("cifar", _P, (18, 18, 18), "B", **_PREACT),
+    "preact_resnet1001": ArchSpec("cifar", _P, (111, 111, 111), "B", **_PREACT),
+}
+
+ARCHS: list[str] = sorted(ARCH_SPECS)
+
+# Option name -> what None (the default) means.
+OPTIONS = {
+    "variant": "v1.5 for ImageNet nets (the only choice for CIFAR nets is v1)",
+    "shortcut": "the arch's: B for ImageNet nets, A for CIFAR basic, B for CIFAR bottleneck",
+    "unit": "the arch's: original, full_preact for preact_*",
+    "zero_init_residual": "False",
+    "width": "64 for ImageNet nets, 16 for CIFAR nets",
+    "in_channels": "3",
+    "report_norms": "False",
+}
+
+
+def _spec(arch: str) -> ArchSpec:
+    if arch in ARCH_SPECS:
+        return ARCH_SPECS[arch]
+    close = difflib.get_close_matches(str(arch), ARCHS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise UserError(f"unknown arch {arch!r}{hint}; valid: {', '.join(ARCHS)}")
+
+
+def arch_family(arch: str) -> str:
+    """'imagenet' or 'cifar': which resolution and datasets the arch is built for."""
+    return _spec(arch).family
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...], where: str = "") -> str:
+    if value not in choices:
+        raise UserError(f"model option {name}={value!r} is not valid{where}; "
+                        f"valid: {', '.join(choices)}")
+    return value
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"model option {name}={value!r} must be a positive integer")
+    return value
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"model option {name}={value!r} must be true or false")
+    return value
+
+
+def build_model(arch: str, num_classes: int, **options: Any) -> nn.Module:
+    """Build `arch` with `num_classes` outputs; options left out or None take the arch's default.
+
+    Options: variant, shortcut, unit, zero_init_residual, width, in_channels, report_norms
+    (see `OPTIONS`). Raises UserError for an unknown arch, option or value.
+    """
+    spec = _spec(arch)
+    family = FAMILIES[spec.family]
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise UserError(f"unknown model option {unknown[0]!r}; valid: {', '.join(OPTIONS)}")
+    given = {k: v for k, v in options.items() if v is not None}
+    for name in spec.pinned:
+        if name in given and given[name] != getattr(spec, name):
+            raise UserError(f"{arch} fixes {name}={getattr(spec, name)!r}; got {given[name]!r}")
+    variant = _choice("variant", given.get("variant", family.variants[0]), family.variants,
+                      f" for {arch} ({spec.family} net)")
+    shortcut = _choice("shortcut", given.get("shortcut", spec.shortcut), SHORTCUTS)
+    unit = _choice("unit", given.get("unit", spec.unit), tuple(UNITS))
+    zero_init = _flag("zero_init_residual", given.get("zero_init_residual", False))
+    if zero_init and shortcut == "none":
+        raise UserError(f"zero_init_residual needs a shortcut: {arch} with shortcut='none' "
+                        "would output zeros from every block")
+    model = family.network(
+        spec.block, spec.layers, _positive_int("num_classes", num_classes),
+        width=_positive_int("width", given.get("width", family.width)),
+        in_channels=_positive_int("in_channels", given.get("in_channels", 3)),
+        variant=variant, shortcut=shortcut, unit=unit, zero_init_residual=zero_init)
+    set_report_norms(model, _flag("report_norms", given.get("report_norms", False)))
+    return model

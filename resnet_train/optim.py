@@ -1,0 +1,201 @@
+"""Parameter groups, the SGD optimizer and the learning-rate schedules.
+
+Every schedule is a closed form of the global optimizer iteration (fractional epochs:
+epoch = step / steps_per_epoch), so the lr of any iteration can be computed directly and a
+resumed run continues at exactly the right lr. State is kept only where a rule depends on the
+run's history: the plateau rule (current factor, best error, bad epochs) and the ResNet-110
+low-lr warm-up (whether, and from which step, it ended). We do not use
+``torch.optim.lr_scheduler``: its step-counter state makes per-iteration resume and closed
+forms awkward, but the semantics below match StepLR, MultiStepLR, CosineAnnealingLR,
+LinearLR and ReduceLROnPlateau(mode="min", threshold_mode="abs") where those exist.
+
+lr(step) = schedule(step) x warmup(step) x low_lr(step)
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import Config
+from .errors import CheckpointError
+
+# Goyal et al. 2017: lr is linear in the batch size, relative to the reference batch of 256.
+REFERENCE_BATCH = 256
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay_bn_bias: bool) -> list[dict]:
+    """Trainable parameters in optimizer groups; with no_decay_bn_bias, ndim <= 1 gets no decay.
+
+    Parameters of ndim <= 1 are exactly the BN gammas/betas and the biases; decaying them only
+    shrinks the scale of normalised layers, which is why large-batch recipes exempt them.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not no_decay_bn_bias:
+        return [{"params": params, "weight_decay": weight_decay}]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def base_lr(cfg: Config) -> float:
+    """The peak lr: optim.lr, x global_batch / 256 under linear scaling."""
+    scale = {"none": 1.0, "linear": cfg.data.batch_size / REFERENCE_BATCH}[cfg.optim.lr_scaling]
+    return cfg.optim.lr * scale
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
+    """SGD with momentum / Nesterov and (optionally selective) weight decay at base_lr(cfg)."""
+    o = cfg.optim  # config validation already refused nesterov without momentum
+    groups = param_groups(model, o.weight_decay, o.no_decay_bn_bias)
+    return torch.optim.SGD(groups, lr=base_lr(cfg), momentum=o.momentum, nesterov=o.nesterov,
+                           weight_decay=o.weight_decay)
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """Training length in optimizer iterations: train.iterations, else epochs x steps/epoch."""
+    if cfg.train.iterations is not None:
+        return cfg.train.iterations
+    return cfg.train.epochs * steps_per_epoch
+
+
+# --------------------------------------------------------------------------- schedules
+# Each returns the schedule's lr at `step` before the warm-up and low-lr multipliers.
+
+
+def _constant(s: "LRSchedule", step: int) -> float:
+    return s.base
+
+
+def _step(s: "LRSchedule", step: int) -> float:
+    # Integer division on iterations: same as floor(epoch / step_size) without float rounding.
+    return s.base * s.cfg.gamma ** (step // (s.cfg.step_size * s.unit_steps))
+
+
+def _multistep(s: "LRSchedule", step: int) -> float:
+    # A milestone m takes effect at the first iteration of epoch m (or at iteration m).
+    passed = bisect.bisect_right([m * s.unit_steps for m in s.cfg.milestones], step)
+    return s.base * s.cfg.gamma ** passed
+
+
+def _plateau(s: "LRSchedule", step: int) -> float:
+    return max(s.base * s.plateau_factor, s.cfg.min_lr)
+
+
+def _cosine(s: "LRSchedule", step: int) -> float:
+    # The cosine starts where the warm-up ends so the peak lr is actually reached; past
+    # total_steps it stays at min_lr (CosineAnnealingLR would climb back up).
+    span = s.total_steps - s.warmup_steps
+    progress = 1.0 if span <= 0 else min(max(step - s.warmup_steps, 0) / span, 1.0)
+    return s.cfg.min_lr + (s.base - s.cfg.min_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+
+SCHEDULES: dict[str, Callable[["LRSchedule", int], float]] = {
+    "constant": _constant,
+    "step": _step,
+    "multistep": _multistep,
+    "plateau": _plateau,
+    "cosine": _cosine,
+}
+
+_STATE_KEYS = ("plateau_factor", "plateau_best", "plateau_bad_epochs", "plateau_last_epoch",
+               "low_lr_ended_at")
+
+
+class LRSchedule:
+    """Per-iteration lr from config.schedule; call apply(step) before each optimizer step."""
+
+    def __init__(self, cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
+                 total_steps: int):
+        if steps_per_epoch < 1 or total_steps < 1:
+            raise ValueError(f"steps_per_epoch ({steps_per_epoch}) and total_steps "
+                             f"({total_steps}) must be >= 1")
+        self.cfg = cfg.schedule
+        self.optimizer = optimizer
+        self.base = base_lr(cfg)
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = total_steps
+        self.unit_steps = {"epoch": steps_per_epoch, "iter": 1}[self.cfg.unit]
+        self.warmup_steps = self.cfg.warmup * {"epoch": steps_per_epoch, "iter": 1}[
+            self.cfg.warmup_unit]
+        self._schedule = SCHEDULES[self.cfg.name]
+        # Plateau rule state (ReduceLROnPlateau's best / num_bad_epochs, as a factor on base).
+        self.plateau_factor = 1.0
+        self.plateau_best = math.inf
+        self.plateau_bad_epochs = 0
+        self.plateau_last_epoch = -1
+        # ResNet-110 warm-up: first iteration at the normal lr, None while still low.
+        self.low_lr_ended_at: int | None = None
+
+    def warmup_factor(self, step: int) -> float:
+        """LinearLR(start_factor, 1.0, total_iters=warm-up steps) at iteration `step`."""
+        if step >= self.warmup_steps:
+            return 1.0
+        start = self.cfg.warmup_start_factor
+        return start + (1.0 - start) * step / self.warmup_steps
+
+    def low_lr_factor(self, step: int) -> float:
+        """low_lr_factor while the ResNet-110 warm-up is on at `step`, else 1."""
+        if self.cfg.low_lr_until_error is None:
+            return 1.0
+        if self.low_lr_ended_at is not None and step >= self.low_lr_ended_at:
+            return 1.0
+        return self.cfg.low_lr_factor
+
+    def lr_at(self, step: int) -> float:
+        """The lr for global optimizer iteration `step` (0-based), given the current state."""
+        return self._schedule(self, step) * self.warmup_factor(step) * self.low_lr_factor(step)
+
+    def apply(self, step: int) -> float:
+        """Set the lr of every param group for iteration `step`; return it."""
+        lr = self.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def on_epoch_end(self, epoch: int, val_error: float | None) -> None:
+        """Plateau rule after validating `epoch`: x gamma after patience+1 epochs without an
+        absolute improvement of more than threshold. Epochs without validation (None) and
+        epochs already seen (a repeated call after resume) do not count."""
+        if self.cfg.name != "plateau" or val_error is None or epoch <= self.plateau_last_epoch:
+            return
+        self.plateau_last_epoch = epoch
+        if val_error < self.plateau_best - self.cfg.threshold:
+            self.plateau_best = val_error
+            self.plateau_bad_epochs = 0
+        else:
+            self.plateau_bad_epochs += 1
+        if self.plateau_bad_epochs > self.cfg.patience:
+            self.plateau_factor *= self.cfg.gamma
+            self.plateau_bad_epochs = 0
+
+    def on_train_error(self, step: int, train_error: float) -> None:
+        """ResNet-110 warm-up: once the running train error (a fraction) measured up to and
+        including iteration `step` is below schedule.low_lr_until_error, iterations from
+        step + 1 on use the normal schedule (whose step count is not shifted)."""
+        threshold = self.cfg.low_lr_until_error
+        if threshold is None or self.low_lr_ended_at is not None:
+            return
+        if train_error < threshold:
+            self.low_lr_ended_at = step + 1
+
+    def state_dict(self) -> dict:
+        """Plain Python data (loadable with torch.load(weights_only=True))."""
+        return {k: getattr(self, k) for k in _STATE_KEYS}
+
+    def load_state_dict(self, d: dict) -> None:
+        missing = [k for k in _STATE_KEYS if k not in d]
+        if missing:
+            raise CheckpointError(f"lr schedule state is missing {', '.join(missing)}")
+        self.plateau_factor = float(d["plateau_factor"])
+        self.plateau_best = float(d["plateau_best"])
+        self.plateau_bad_epochs = int(d["plateau_bad_epochs"])
+        self.plateau_last_epoch = int(d["plateau_last_epoch"])
+        ended = d["low_lr_ended_at"]
+        self.low_lr_ended_at = None if ended is None else int(ended)

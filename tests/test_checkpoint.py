@@ -1,0 +1,187 @@
+"""Never lose a run: atomic writes, exact resume, SIGTERM, kill -9, corrupt-file fallback."""
+
+import glob
+import os
+import random
+import signal
+import time
+
+import pytest
+import torch
+
+from resnet_train import checkpoint as ckpt_io
+from resnet_train.cli import train as train_cli
+from resnet_train.errors import CheckpointError
+
+from .helpers import cli, popen, tiny
+
+DET = ["run.deterministic=true", "train.epochs=3", "checkpoint.every_epochs=1",
+       "checkpoint.keep_last=0"]
+
+
+def weights(run_dir, name="last.pt"):
+    return torch.load(os.path.join(run_dir, "checkpoints", name), weights_only=True)
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("ref") / "run")
+    assert train_cli.main(tiny(run_dir, *DET)) == 0
+    return weights(run_dir)
+
+
+def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    ckpt_io.atomic_save({"model": {"w": torch.ones(3)}}, path)
+
+    def broken_save(obj, fh):
+        fh.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        ckpt_io.atomic_save({"model": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(ckpt_io.load(path)["model"]["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temp file left behind
+
+
+def test_load_refuses_code_and_garbage(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    evil = str(tmp_path / "evil.pt")
+    torch.save({"model": Payload()}, evil)
+    with pytest.raises(CheckpointError, match="evil.pt: not a readable checkpoint"):
+        ckpt_io.load(evil)
+    truncated = str(tmp_path / "trunc.pt")
+    ckpt_io.atomic_save({"model": {"w": torch.randn(1000)}}, truncated)
+    with open(truncated, "r+b") as fh:
+        fh.truncate(os.path.getsize(truncated) // 2)
+    with pytest.raises(CheckpointError, match="trunc.pt"):
+        ckpt_io.load(truncated)
+
+
+def test_resume_at_epoch_boundary_is_bitwise_identical(tmp_path, uninterrupted):
+    run_dir = str(tmp_path / "run")
+    assert train_cli.main(tiny(run_dir, *DET[:1], "train.epochs=1")) == 0
+    assert weights(run_dir)["epoch"] == 1
+    assert train_cli.main(tiny(run_dir, *DET)) == 0
+    final = weights(run_dir)
+    assert final["global_step"] == uninterrupted["global_step"] == 24
+    assert_bitwise_equal(final["model"], uninterrupted["model"])
+    assert_bitwise_equal(final["optimizer"]["state"][0], uninterrupted["optimizer"]["state"][0])
+
+
+def wait_for(proc, text, timeout=120):
+    """Read the child's stdout until a line contains ``text``; return the lines read."""
+    lines, t0 = [], time.time()
+    while time.time() - t0 < timeout:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"never saw {text!r}; got:\n{''.join(lines)}")
+
+
+def test_sigterm_mid_epoch_saves_exits_and_resumes_bitwise(tmp_path, uninterrupted):
+    run_dir = str(tmp_path / "run")
+    args = tiny(run_dir, *DET, "run.log_every=1")
+    proc = popen("train", *args)
+    wait_for(proc, "epoch 1 step 3/8")
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    elapsed = time.time() - t0
+    assert proc.returncode == train_cli_preempted(), err
+    assert elapsed < 10
+    assert "received SIGTERM" in out
+    mid = weights(run_dir)
+    assert mid["epoch"] == 1 and 3 <= mid["step_in_epoch"] < 8
+    assert mid["partial"]["sums"][3] == 32 * mid["step_in_epoch"]  # images seen this epoch
+    r = cli("train", *args)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from {run_dir}/checkpoints/last.pt: epoch 1 step " in r.stdout
+    final = weights(run_dir)
+    assert final["global_step"] == 24
+    assert_bitwise_equal(final["model"], uninterrupted["model"])
+
+
+def train_cli_preempted():
+    from resnet_train.trainer import PREEMPTED_EXIT
+    return PREEMPTED_EXIT
+
+
+def test_kill_9_at_random_moments_never_loses_a_checkpoint(tmp_path):
+    run_dir = str(tmp_path / "run")
+    args = tiny(run_dir, "train.epochs=3", "checkpoint.every_steps=2", "checkpoint.every_epochs=1",
+                "checkpoint.keep_last=2", "run.log_every=1")
+    rng = random.Random(0)
+    for trial in range(5):
+        proc = popen("train", *args)
+        wait_for(proc, "step ")
+        time.sleep(rng.uniform(0.0, 1.5))
+        proc.kill()
+        proc.wait()
+        files = [p for p in glob.glob(os.path.join(run_dir, "checkpoints", "*.pt"))]
+        for path in files:  # every completed checkpoint is whole and loadable
+            ckpt = ckpt_io.load(path)
+            assert ckpt["global_step"] >= 0
+        assert len(glob.glob(os.path.join(run_dir, "checkpoints", "epoch_*.pt"))) <= 2
+    r = cli("train", *args)
+    assert r.returncode == 0, r.stderr
+    final = weights(run_dir)
+    assert (final["epoch"], final["global_step"]) == (3, 24)
+    assert not glob.glob(os.path.join(run_dir, "checkpoints", ".tmp-*"))
+
+
+def test_corrupt_newest_checkpoint_falls_back_under_auto(tmp_path):
+    run_dir = str(tmp_path / "run")
+    assert train_cli.main(tiny(run_dir, "train.epochs=2", "checkpoint.every_epochs=1",
+                               "checkpoint.keep_last=0")) == 0
+    last = os.path.join(run_dir, "checkpoints", "last.pt")
+    with open(last, "r+b") as fh:
+        fh.truncate(100)
+    os.utime(last)  # newest by mtime
+    epoch1 = os.path.join(run_dir, "checkpoints", "epoch_001.pt")
+    os.utime(epoch1, (time.time() - 100, time.time() - 100))
+    # best.pt and epoch_002.pt are also epoch 2; remove them so the fallback is epoch_001.
+    os.unlink(os.path.join(run_dir, "checkpoints", "epoch_002.pt"))
+    os.unlink(os.path.join(run_dir, "checkpoints", "best.pt"))
+    r = cli("train", *tiny(run_dir, "train.epochs=3"))
+    assert r.returncode == 0, r.stderr
+    assert "warning: skipping" in r.stdout and "last.pt" in r.stdout
+    assert f"resuming from {epoch1}: epoch 1 step 0" in r.stdout
+    assert weights(run_dir)["epoch"] == 3
+
+
+def test_mismatched_checkpoint_is_a_user_error(tmp_path):
+    run_dir = str(tmp_path / "run")
+    assert train_cli.main(tiny(run_dir, "train.epochs=1")) == 0
+    r = cli("train", *tiny(str(tmp_path / "other"), "model.width=8",
+                           f"checkpoint.resume={run_dir}/checkpoints/last.pt"))
+    assert r.returncode == 2
+    line = r.stderr.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in line
+    assert "last.pt: checkpoint does not fit the configured model" in line
+    assert "conv1.weight (4, 3, 3, 3) vs model (8, 3, 3, 3)" in line
+    r = cli("train", *tiny(str(tmp_path / "x"), f"checkpoint.resume={tmp_path}/missing.pt"))
+    assert r.returncode == 2 and "checkpoint not found" in r.stderr and "missing.pt" in r.stderr
+
+
+def test_epoch_retention(tmp_path):
+    run_dir = str(tmp_path / "run")
+    assert train_cli.main(tiny(run_dir, "train.epochs=4", "checkpoint.every_epochs=1",
+                               "checkpoint.keep_last=2", "data.train_samples=64")) == 0
+    names = sorted(os.path.basename(p) for p in glob.glob(f"{run_dir}/checkpoints/*.pt"))
+    assert names == ["best.pt", "epoch_003.pt", "epoch_004.pt", "last.pt"]
+    assert weights(run_dir, "epoch_003.pt")["epoch"] == 3

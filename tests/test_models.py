@@ -1,0 +1,397 @@
+"""Model family: sizes, torchvision interop, unit op orders, shortcuts, init, norms, errors."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torchvision
+from torch import fx, nn
+
+from resnet_train.errors import UserError
+from resnet_train.models import (ARCH_SPECS, ARCHS, UNITS, arch_family, build_model,
+                                 collect_block_norms, set_report_norms)
+from resnet_train.models.blocks import BasicBlock, Bottleneck, PadShortcut, ResidualBlock
+
+TV_DEPTHS = {
+    "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
+    "resnet101": 44_549_160, "resnet152": 60_192_808,
+}
+CIFAR_COUNTS = {"resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586,
+                "resnet56": 853_018, "resnet110": 1_727_962}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny convs: one thread beats two on a shared 2-core box, where threads oversubscribe.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def meta_model(arch: str, num_classes: int, **options) -> nn.Module:
+    # Meta tensors: counting big ImageNet nets needs shapes, not memory or init time.
+    with torch.device("meta"):
+        return build_model(arch, num_classes, **options)
+
+
+def op_kinds(module: nn.Module) -> list[str]:
+    """The conv/bn/relu/add/pad sequence a forward executes, from an fx trace."""
+    gm = fx.symbolic_trace(module)
+    mods = dict(gm.named_modules())
+    kinds = {nn.Conv2d: "conv", nn.BatchNorm2d: "bn", nn.ReLU: "relu", nn.Linear: "fc",
+             nn.MaxPool2d: "maxpool", nn.AdaptiveAvgPool2d: "avgpool"}
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and type(mods[node.target]) in kinds:
+            out.append(kinds[type(mods[node.target])])
+        elif node.op == "call_function" and node.target in (operator.add, torch.add):
+            out.append("add")
+        elif node.op == "call_function" and node.target is torch.nn.functional.pad:
+            out.append("pad")
+    return out
+
+
+# ---------------------------------------------------------------- sizes and interop
+
+
+@pytest.mark.parametrize("arch,count", TV_DEPTHS.items())
+def test_imagenet_param_counts(arch, count):
+    assert n_params(meta_model(arch, 1000)) == count
+
+
+@pytest.mark.parametrize("arch,count", CIFAR_COUNTS.items())
+def test_cifar_param_counts(arch, count):
+    assert n_params(build_model(arch, 10)) == count
+
+
+@pytest.mark.parametrize("arch,count,tol", [
+    ("resnet1202", 19.4e6, 0.01), ("resnet164", 1.7e6, 0.03), ("resnet1001", 10.2e6, 0.03),
+    ("preact_resnet164", 1.7e6, 0.03)])
+def test_deep_cifar_param_counts(arch, count, tol):
+    # many small modules: plain CPU tensors build faster than meta ones here
+    assert abs(n_params(build_model(arch, 10)) - count) <= tol * count
+
+
+def random_weights_(model: nn.Module) -> None:
+    """Fill a meta-built net: He-scaled random convs, default fc, non-trivial BN statistics."""
+    model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    # Slices of one random pool at random offsets: ~10x cheaper than sampling 60M values.
+    pool = torch.randn(3 << 20, generator=gen)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            n, fan_out = m.weight.numel(), m.weight[0, 0].numel() * m.out_channels
+            start = int(torch.randint(0, pool.numel() - n + 1, (), generator=gen))
+            m.weight.data = (pool[start:start + n] * (2 / fan_out) ** 0.5).view_as(m.weight)
+        elif isinstance(m, nn.BatchNorm2d):
+            # Fresh BN (gamma 1, beta 0, mean 0, var 1) would hide a swapped bn1/bn2 in eval.
+            c = m.num_features
+            m.weight.data = torch.rand(c, generator=gen) + 0.5
+            m.bias.data = torch.randn(c, generator=gen) * 0.1
+            m.running_mean = torch.randn(c, generator=gen) * 0.1
+            m.running_var = torch.rand(c, generator=gen) + 0.5
+        elif isinstance(m, nn.Linear):
+            m.reset_parameters()
+
+
+@pytest.mark.parametrize("arch", TV_DEPTHS)
+def test_torchvision_state_dict_and_outputs(arch):
+    torch.manual_seed(0)
+    with torch.device("meta"):  # init each net once, not twice (torchvision re-inits convs)
+        tv = getattr(torchvision.models, arch)().eval()
+    random_weights_(tv)
+    ours = meta_model(arch, 1000).eval()  # its own init would be overwritten anyway
+    ours.load_state_dict(tv.state_dict(), strict=True, assign=True)
+    assert list(ours.state_dict()) == list(tv.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), tv(x), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- every arch runs
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_arch_forward_backward(arch):
+    torch.manual_seed(0)
+    imagenet = arch_family(arch) == "imagenet"
+    model = build_model(arch, 7, width=8 if imagenet else 4)
+    # batch 1 still gives BN >= 4 values per channel: the last maps are 2x2 and 8x8
+    x = torch.randn(1, 3, 64 if imagenet else 32, 64 if imagenet else 32)
+    out = model(x)
+    assert out.shape == (1, 7)
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert model.conv1.weight.grad.abs().sum() > 0
+
+
+def test_arch_table_and_families():
+    assert ARCHS == sorted(ARCH_SPECS)
+    assert {arch_family(a) for a in ARCHS} == {"imagenet", "cifar"}
+    assert arch_family("resnet50") == "imagenet" and arch_family("resnet56") == "cifar"
+    assert arch_family("preact_resnet1001") == "cifar"
+    assert ARCH_SPECS["preact_resnet164"].unit == "full_preact"
+    assert ARCH_SPECS["plain34"].shortcut == "none"
+
+
+def test_none_options_mean_defaults():
+    torch.manual_seed(0)
+    a = build_model("resnet20", 10)
+    torch.manual_seed(0)
+    b = build_model("resnet20", 10, variant=None, shortcut=None, unit=None,
+                    zero_init_residual=None, width=None, in_channels=None, report_norms=None)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
+def test_width_and_in_channels():
+    model = build_model("resnet20", 10, width=8, in_channels=1)
+    assert model.conv1.weight.shape == (8, 1, 3, 3)
+    assert model.fc.in_features == 32
+    assert build_model("resnet50", 5, width=16).fc.in_features == 16 * 8 * 4
+
+
+# ---------------------------------------------------------------- variant, shortcuts
+
+
+def test_variant_moves_stride():
+    v1 = meta_model("resnet50", 10, variant="v1").layer2[0]
+    v15 = meta_model("resnet50", 10).layer2[0]
+    assert (v1.conv1.stride, v1.conv2.stride) == ((2, 2), (1, 1))
+    assert (v15.conv1.stride, v15.conv2.stride) == ((1, 1), (2, 2))
+    assert n_params(v1) == n_params(v15)
+
+
+def test_option_a_adds_no_parameters_and_pads_with_zeros():
+    assert n_params(meta_model("resnet20", 10)) == n_params(meta_model("plain20", 10))
+    assert n_params(meta_model("resnet34", 10, shortcut="A")) == n_params(meta_model("plain34", 10))
+    assert n_params(meta_model("resnet20", 10, shortcut="B")) > n_params(meta_model("plain20", 10))
+    block = BasicBlock(4, 8, 2, shortcut="A")
+    assert isinstance(block.downsample, PadShortcut)
+    x = torch.randn(2, 4, 6, 6)
+    y = block.downsample(x)
+    assert torch.equal(y[:, :4], x[:, :, ::2, ::2])
+    assert torch.equal(y[:, 4:], torch.zeros(2, 4, 3, 3))
+
+
+def test_shortcut_b_projects_only_on_change_and_c_everywhere():
+    b = meta_model("resnet34", 10)
+    c = meta_model("resnet34", 10, shortcut="C")
+    blocks_b = [m for m in b.modules() if isinstance(m, ResidualBlock)]
+    blocks_c = [m for m in c.modules() if isinstance(m, ResidualBlock)]
+    assert sum(m.downsample is not None for m in blocks_b) == 3  # layer2..4 first blocks
+    assert all(isinstance(m.downsample, nn.Sequential) for m in blocks_c)
+    assert len(blocks_c) == 16
+
+
+@pytest.mark.parametrize("arch,blocks", [("plain20", 9), ("plain50", 16)])
+def test_plain_nets_have_no_additions(arch, blocks):
+    plain = build_model(arch, 10, width=4)
+    resnet = build_model(arch.replace("plain", "resnet"), 10, width=4)
+    assert "add" not in op_kinds(plain)
+    assert op_kinds(resnet).count("add") == blocks
+    assert not any(m.downsample is not None for m in plain.modules()
+                   if isinstance(m, ResidualBlock))
+
+
+def test_plain_block_zeroed_branch_gives_zero():
+    torch.manual_seed(0)
+    plain = BasicBlock(4, 4, shortcut="none")
+    resid = BasicBlock(4, 4, shortcut="B")
+    for block in (plain, resid):
+        nn.init.zeros_(block.bn2.weight)
+    x = torch.rand(2, 4, 5, 5)
+    assert torch.equal(plain(x), torch.zeros_like(x))
+    assert torch.equal(resid(x), x)
+
+
+# ---------------------------------------------------------------- unit op orders
+
+BASIC_ORDER = {
+    "original": "conv bn relu conv bn add relu",
+    "bn_after_add": "conv bn relu conv add bn relu",
+    "relu_before_add": "conv bn relu conv bn relu add",
+    "relu_only_preact": "relu conv bn relu conv bn add",
+    "full_preact": "bn relu conv bn relu conv add",
+}
+BOTTLENECK_ORDER = {
+    "original": "conv bn relu conv bn relu conv bn add relu",
+    "bn_after_add": "conv bn relu conv bn relu conv add bn relu",
+    "relu_before_add": "conv bn relu conv bn relu conv bn relu add",
+    "relu_only_preact": "relu conv bn relu conv bn relu conv bn add",
+    "full_preact": "bn relu conv bn relu conv bn relu conv add",
+}
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_unit_op_order(unit):
+    assert op_kinds(BasicBlock(8, 8, unit=unit)) == BASIC_ORDER[unit].split()
+    assert op_kinds(Bottleneck(16, 4, unit=unit)) == BOTTLENECK_ORDER[unit].split()
+
+
+def test_projection_block_orders():
+    # the projection (conv, + BN unless full pre-activation) runs after the branch
+    assert op_kinds(BasicBlock(4, 8, 2)) == "conv bn relu conv bn conv bn add relu".split()
+    # full pre-activation shares the first BN-ReLU with a stage's first (projecting) unit
+    shared = Bottleneck(16, 8, 2, unit="full_preact", preact="shared")
+    assert op_kinds(shared) == "bn relu conv bn relu conv bn relu conv conv add".split()
+    omit = Bottleneck(16, 8, 1, unit="full_preact", preact="omit")
+    assert op_kinds(omit) == "conv bn relu conv bn relu conv conv add".split()
+
+
+def test_preact_nets_stem_and_head():
+    cifar = op_kinds(build_model("preact_resnet110", 10, width=4))
+    # bare conv stem, then the first unit's shared BN-ReLU: one BN-ReLU before the first conv
+    assert cifar[:4] == ["conv", "bn", "relu", "conv"]
+    assert cifar[-5:] == ["add", "bn", "relu", "avgpool", "fc"]
+    imagenet = op_kinds(build_model("preact_resnet18", 10, width=8))
+    # fb.resnet.torch: the stem's BN-ReLU precedes the max pool, layer1.0 starts with conv
+    assert imagenet[:5] == ["conv", "bn", "relu", "maxpool", "conv"]
+    assert imagenet[-5:] == ["add", "bn", "relu", "avgpool", "fc"]
+    original = op_kinds(build_model("resnet20", 10, width=4))
+    assert original[:4] == ["conv", "bn", "relu", "conv"]
+    assert original[-4:] == ["add", "relu", "avgpool", "fc"]
+
+
+# ---------------------------------------------------------------- init
+
+
+def test_init_statistics():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10)
+    w = model.layer3[1].conv1.weight  # fan_out = 256 * 9
+    assert abs(w.std().item() - (2 / (256 * 9)) ** 0.5) < 0.02 * (2 / (256 * 9)) ** 0.5
+    assert torch.equal(model.layer3[1].bn2.weight, torch.ones(256))
+    assert torch.equal(model.layer3[1].bn2.bias, torch.zeros(256))
+
+
+@pytest.mark.parametrize("arch,unit", [("resnet20", "original"), ("resnet56", "full_preact"),
+                                       ("resnet18", "original"), ("resnet50", "full_preact"),
+                                       ("resnet164", "full_preact")])
+def test_zero_init_makes_identity_blocks(arch, unit):
+    torch.manual_seed(0)
+    model = build_model(arch, 10, width=4, unit=unit, zero_init_residual=True)
+    model.train()
+    seen = []
+
+    def check(block, inputs, output):
+        (x,) = inputs
+        if block.downsample is None and not block.pre_ops:
+            expected = x if unit == "full_preact" else torch.relu(x)
+            torch.testing.assert_close(output, expected, rtol=0, atol=0)
+            seen.append(block)
+
+    for m in model.modules():
+        if isinstance(m, ResidualBlock):
+            m.register_forward_hook(check)
+    size = 64 if arch_family(arch) == "imagenet" else 32
+    model(torch.randn(2, 3, size, size))
+    assert len(seen) >= 5
+    # without zero init the same blocks change their input
+    torch.manual_seed(0)
+    plain_init = build_model(arch, 10, width=4, unit=unit)
+    block = plain_init.layer1[1]
+    x = torch.rand(2, block.conv1.in_channels, 8, 8)
+    assert not torch.allclose(block(x), x if unit == "full_preact" else torch.relu(x))
+
+
+def test_zero_init_targets_last_weighted_layer():
+    for unit, name in [("original", "bn3"), ("relu_before_add", "bn3"),
+                       ("relu_only_preact", "bn3"), ("bn_after_add", "conv3"),
+                       ("full_preact", "conv3")]:
+        block = Bottleneck(16, 4, unit=unit)
+        block.zero_init_last()
+        assert torch.count_nonzero(getattr(block, name).weight) == 0, unit
+
+
+# ---------------------------------------------------------------- layout, norms, errors
+
+
+@pytest.mark.parametrize("arch,size", [("resnet20", 32), ("resnet50", 64),
+                                       ("preact_resnet18", 64)])
+def test_channels_last_end_to_end(arch, size):
+    torch.manual_seed(0)
+    model = build_model(arch, 10, width=8).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        ref = model(x)
+    model = model.to(memory_format=torch.channels_last)
+    layouts = []
+    for m in model.modules():
+        if isinstance(m, ResidualBlock):
+            m.register_forward_hook(lambda m, i, o: layouts.append(
+                o.is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        out = model(x.to(memory_format=torch.channels_last))
+    assert layouts and all(layouts)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_report_norms_match_independent_computation():
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, width=4, report_norms=True).eval()
+    inputs = {}
+    block = model.layer2[1]
+    block.register_forward_hook(lambda m, i, o: inputs.setdefault("x", i[0]))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+        x = inputs["x"]
+        fx_ = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x)))))
+    norms = collect_block_norms(model)
+    assert len(norms) == 9 and "layer2.1" in norms
+    assert norms["layer2.1"][0] == pytest.approx(fx_.norm().item(), rel=1e-5)
+    assert norms["layer2.1"][1] == pytest.approx(x.norm().item(), rel=1e-5)
+    assert all(isinstance(v, float) for pair in norms.values() for v in pair)
+
+    set_report_norms(model, False)
+    assert collect_block_norms(model) == {}
+    model(torch.randn(1, 3, 32, 32))
+    assert collect_block_norms(model) == {}
+    set_report_norms(model, True)
+    model(torch.randn(1, 3, 32, 32))
+    assert len(collect_block_norms(model)) == 9
+
+
+def test_report_norms_off_by_default():
+    model = build_model("resnet20", 10, width=4)
+    model(torch.randn(1, 3, 32, 32))
+    assert collect_block_norms(model) == {}
+
+
+@pytest.mark.parametrize("arch,options,needles", [
+    ("resnt50", {}, ["resnt50", "'resnet50'", "resnet18", "preact_resnet1001"]),
+    ("resnet20", {"unit": "fullpreact"}, ["unit", "original", "full_preact"]),
+    ("resnet20", {"shortcut": "D"}, ["shortcut", "A, B, C, none"]),
+    ("resnet20", {"variant": "v1.5"}, ["variant", "resnet20", "v1"]),
+    ("resnet50", {"variant": "v2"}, ["variant", "v1.5, v1"]),
+    ("resnet20", {"depth": 3}, ["depth", "variant", "report_norms"]),
+    ("resnet20", {"width": 0}, ["width"]),
+    ("resnet20", {"zero_init_residual": "yes"}, ["zero_init_residual"]),
+    ("plain20", {"zero_init_residual": True}, ["zero_init_residual"]),
+    ("plain20", {"shortcut": "A"}, ["plain20", "shortcut"]),
+    ("preact_resnet110", {"unit": "original"}, ["full_preact"]),
+])
+def test_bad_arch_or_option_raises_user_error(arch, options, needles):
+    with pytest.raises(UserError) as info:
+        build_model(arch, 10, **options)
+    msg = str(info.value)
+    assert "\n" not in msg
+    for needle in needles:
+        assert needle in msg
+
+
+def test_bad_num_classes_and_unknown_family_lookup():
+    with pytest.raises(UserError, match="num_classes"):
+        build_model("resnet20", 0)
+    with pytest.raises(UserError, match="resnet56"):
+        arch_family("resnet65")
+    # options that equal the pinned or only choice are accepted
+    assert build_model("resnet20", 10, variant="v1", width=4) is not None
+    assert build_model("plain20", 10, shortcut="none", width=4) is not None
