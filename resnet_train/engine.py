@@ -39,6 +39,7 @@ class Stepper:
     watch_train_error: bool = False     # the ResNet-110 warm-up needs the running train error
     bad_steps: int = 0                  # consecutive non-finite steps (checkpointed)
     global_step: int = 0                # optimizer steps taken since the start of training
+    error_mark: torch.Tensor | None = None  # meter sums at the last train-error check
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -119,8 +120,8 @@ def train_one_epoch(s: Stepper, loader, prep, epoch: int, start: int, until: int
         timer.steps += 1
         timer.images += x.shape[0] * s.dist.world
 
-        if s.watch_train_error and step % 10 == 0:
-            _feed_train_error(s, meter, s.global_step)
+        if s.watch_train_error and step % 5 == 0:
+            _feed_train_error(s, meter, s.global_step - 1)
         if progress.wants(step):
             v = meter.values()
             elapsed = timer.wall + (time.perf_counter() - t_end)
@@ -176,9 +177,16 @@ def _optimizer_step(s: Stepper, x: torch.Tensor, y: torch.Tensor, meter: Meter) 
 
 
 def _feed_train_error(s: Stepper, meter: Meter, step: int) -> None:
-    loss, c1, _, n = dist_utils.all_reduce_sum(meter.sums.tolist(), s.device, s.dist)
+    """Tell the schedule the training error of the steps since the last call (all ranks)."""
+    now = meter.sums.clone()
+    recent = now - s.error_mark if s.error_mark is not None and \
+        s.error_mark[3] <= now[3] else now
+    s.error_mark = now
+    _, c1, _, n = dist_utils.all_reduce_sum(recent.tolist(), s.device, s.dist)
     if n > 0:
         s.schedule.on_train_error(step, 1.0 - c1 / n)
+        # Once the low-lr phase is over it never returns: stop paying for the sync.
+        s.watch_train_error = s.schedule.state_dict().get("low_lr_ended_at") is None
 
 
 @torch.inference_mode()

@@ -205,7 +205,9 @@ class Trainer:
             device=device, amp_dtype=self.amp, channels_last=self.channels_last,
             accum_steps=cfg.train.accum_steps, label_smoothing=cfg.train.label_smoothing,
             max_bad_steps=cfg.train.max_bad_steps, dist=info,
-            watch_train_error=cfg.schedule.low_lr_until_error is not None, **stepper_state)
+            watch_train_error=(cfg.schedule.low_lr_until_error is not None
+                               and schedule.state_dict().get("low_lr_ended_at") is None),
+            **stepper_state)
         self.logger = RunLogger(run_dir, info.is_main, stepper_state["global_step"],
                                 resume_epoch=pos.epoch if stepper_state["global_step"] else None)
         self.stop = StopFlag(cfg.checkpoint.signals, cfg.checkpoint.signal_check_every, device,
@@ -397,9 +399,16 @@ class Trainer:
         if not self.info.is_main:
             return
         s = self.stepper
+        model_state = ckpt_io.unwrap(self.model).state_dict()
+        if not all(bool(torch.isfinite(v).all()) for v in model_state.values()
+                   if v.is_floating_point()):
+            # A finite loss can still blow the weights up; never replace a good checkpoint.
+            say(f"warning: weights are not finite at global step {s.global_step}; "
+                f"not saving {', '.join(names)}")
+            return
         state = {
             "format": ckpt_io.FORMAT,
-            "model": ckpt_io.unwrap(self.model).state_dict(),
+            "model": model_state,
             "optimizer": s.optimizer.state_dict(),
             "schedule": s.schedule.state_dict(),
             "scaler": s.scaler.state_dict() if s.scaler is not None else None,

@@ -108,15 +108,15 @@ class DevicePrep:
 
 
 def _affine_(x: torch.Tensor, offset: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """In place (x - offset) * scale for (N, 3, H, W) x and (n|1, 3, h|1, w|1) operands.
+    """In place (x - offset) * scale, x (..., 3, H, W), operands (n|1, 3, h|1, w|1).
 
     A channels_last batch (what the folder workers produce) is processed as rows of W*3
     interleaved values so the inner loop is long and contiguous; broadcasting a (1, 3, 1, 1)
     operand over its inner dimension of 3 is several times slower on a CPU.
     """
+    if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return x.sub_(offset).mul_(scale)  # also (N, 10, C, H, W) ten-crop batches
     n, c, h, w = x.shape
-    if c == 1 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-        return x.sub_(offset).mul_(scale)
     rows = x.permute(0, 2, 3, 1).view(n, h, w * c)  # the NHWC memory, no copy
 
     def as_rows(t):

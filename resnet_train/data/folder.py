@@ -1,0 +1,391 @@
+"""ImageNet and any image folder: ``root/<split>/<class>/*`` decoded by worker processes.
+
+Class index = position in the sorted class folder names (torchvision's ImageFolder
+convention, so labels line up with torchvision's weights). Workers decode whole batches:
+each sample's crop window is chosen in source coordinates and only that box is resized
+(decision 4), and a batch leaves the worker as one uint8 NCHW tensor (decision 2). The
+batch order comes from ``sampling``; a sample's augmentation from ``random.Random`` seeded
+by (seed, epoch, index), so resuming at batch k decodes nothing before it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import random
+import warnings
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import ConfigError, DataError
+from . import DataBundle, Loader
+from .sampling import (epoch_permutation, mix_seed, train_batch_indices, train_steps_per_epoch,
+                       val_shard)
+from .transforms import (IMAGENET_MEAN, IMAGENET_STD, DevicePrep, crop_box_center, crop_box_full,
+                         crop_box_paper, crop_box_rrc, load_crop, ten_crop)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+MAX_TRIES = 10          # replacement attempts for an unreadable image (on_bad_image: skip)
+REPORT_PATHS = 10       # bad paths kept for bad_report()
+PREPARE_HINT = "scripts/prepare_imagenet_val.py"
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
+def find_classes(split_dir: str) -> list[str]:
+    """Sorted class folder names of a split; DataError for a missing, empty or flat split."""
+    if not os.path.isdir(split_dir):
+        raise DataError(f"{split_dir}: split directory not found")
+    entries = sorted(os.scandir(split_dir), key=lambda e: e.name)
+    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    if classes:
+        return classes
+    images = [e.name for e in entries if e.is_file() and _is_image(e.name)]
+    if images:
+        raise DataError(
+            f"{split_dir}: {len(images)} images but no class folders (a flat ILSVRC validation "
+            f"folder?); sort them into class folders with {PREPARE_HINT} {split_dir} "
+            f"--devkit <ILSVRC2012_devkit_t12> --apply")
+    raise DataError(f"{split_dir}: no class folders and no images (empty split)")
+
+
+def scan_split(root: str, split: str, classes: list[str] | None = None):
+    """(classes, paths, labels) of ``root/split``; ``classes`` fixes the label mapping."""
+    split_dir = os.path.join(root, split)
+    found = find_classes(split_dir)
+    if classes is None:
+        classes = found
+    else:
+        extra = sorted(set(found) - set(classes))
+        if extra:
+            raise DataError(f"{split_dir}: class folders not in the training split: "
+                            f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    index = {c: i for i, c in enumerate(classes)}
+    paths, labels = [], []
+    for c in found:
+        class_dir = os.path.join(split_dir, c)
+        files = []
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            dirnames.sort()
+            files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
+        if not files:
+            raise DataError(f"{class_dir}: class folder has no images "
+                            f"({', '.join(e.lower() for e in IMG_EXTENSIONS[:3])}, ...)")
+        paths.extend(files)
+        labels.extend([index[c]] * len(files))
+    # One bytes array, not a list of str: forked workers then share it without refcount
+    # writes touching every page (the classic DataLoader memory growth).
+    return classes, np.array([os.fsencode(p) for p in paths]), np.array(labels, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def _identity(x):
+    return x
+
+
+# geometry name -> (w, h, rng, *args) -> (box, size, flip); the args follow the name in the
+# geometry tuple. ten_crop loads the whole resized image; the worker cuts the 10 views.
+GEOMETRIES = {
+    "paper": lambda w, h, rng, scale, crop, flip: crop_box_paper(w, h, scale, crop, flip, rng),
+    "rrc": lambda w, h, rng, scale, ratio, crop, flip: crop_box_rrc(w, h, scale, ratio, crop,
+                                                                    flip, rng),
+    "center": lambda w, h, rng, resize, crop: crop_box_center(w, h, resize, crop),
+    "ten_crop": lambda w, h, rng, resize, crop: crop_box_full(w, h, resize),
+    "full": lambda w, h, rng, side: crop_box_full(w, h, side),
+}
+
+
+class BatchDecoder(Dataset):
+    """Decodes a whole batch in a worker: key (epoch, indices) -> (uint8 batch, labels, bad).
+
+    ``geometry`` is ('paper', scale, crop, flip) | ('rrc', scale, ratio, crop, flip) |
+    ('center', resize, crop) | ('ten_crop', resize, crop) | ('full', side). ``bad`` lists
+    (path, reason) of the unreadable images met; with on_bad='error' the batch is None and
+    the main process raises (an exception raised here would lose its type and path).
+    """
+
+    def __init__(self, paths: np.ndarray, labels: np.ndarray, geometry: tuple, seed: int,
+                 on_bad: str = "skip"):
+        self.paths, self.labels, self.geometry = paths, labels, geometry
+        self.seed, self.on_bad = seed, on_bad
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _choose(self, w: int, h: int, rng: random.Random):
+        kind, *args = self.geometry
+        return GEOMETRIES[kind](w, h, rng, *args)
+
+    def sample(self, epoch: int, i: int, bad: list):
+        """(HWC or view array, label) of sample i, or None if it (and replacements) failed."""
+        j = i
+        for attempt in range(MAX_TRIES):
+            path = os.fsdecode(self.paths[j])
+            rng = random.Random(mix_seed(self.seed, epoch, i, attempt))
+            try:
+                arr = load_crop(path, functools.partial(self._choose, rng=rng))
+            except Exception as e:  # noqa: BLE001 - any failure to decode is bad data
+                bad.append((path, f"{type(e).__name__}: {e}"))
+                if self.on_bad == "error":
+                    return None
+                j = random.Random(mix_seed(self.seed, epoch, i, attempt, 7)).randrange(len(self.paths))
+                continue
+            if self.geometry[0] == "ten_crop":
+                arr = ten_crop(arr, self.geometry[2]).permute(0, 2, 3, 1).numpy()
+            return arr, int(self.labels[j])
+        bad.append((os.fsdecode(self.paths[i]), f"no readable replacement in {MAX_TRIES} tries"))
+        return None
+
+    def __getitem__(self, key):
+        epoch, indices = key
+        bad: list[tuple[str, str]] = []
+        kind = self.geometry[0]
+        if kind in ("paper", "rrc", "center"):  # fixed crop x crop: decode straight into the batch
+            crop = self.geometry[-2] if kind != "center" else self.geometry[2]
+            nhwc = _empty_batch((len(indices), crop, crop, 3))
+            buf = nhwc.numpy()
+            labels = np.empty(len(indices), dtype=np.int64)
+            for k, i in enumerate(indices):
+                got = self.sample(epoch, int(i), bad)
+                if got is None:
+                    return None, None, bad
+                buf[k], labels[k] = got
+            # NCHW shape over the decoded NHWC memory (channels_last strides): no transpose
+            # on the CPU; the device's float conversion keeps this layout.
+            return nhwc.permute(0, 3, 1, 2), torch.from_numpy(labels), bad
+        arrays, labels = [], []
+        for i in indices:
+            got = self.sample(epoch, int(i), bad)
+            if got is None:
+                return None, None, bad
+            arrays.append(got[0])
+            labels.append(got[1])
+        x = torch.from_numpy(np.stack(arrays))       # (N, H, W, C) or (N, 10, H, W, C)
+        return x.movedim(-1, -3).contiguous(), torch.tensor(labels, dtype=torch.int64), bad
+
+
+def _empty_batch(shape) -> torch.Tensor:
+    """A uint8 tensor; in a worker, in shared memory, so sending it to the main process
+    copies nothing (what default_collate does for its stacks)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape, strides)
+
+
+class _Keys(Sampler):
+    """The batch keys of the current epoch; set before each pass over the DataLoader."""
+
+    def __init__(self):
+        self.keys: list = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+# --------------------------------------------------------------------------- main process
+
+
+class FolderLoader(Loader):
+    """Batches of one split through a DataLoader of ``BatchDecoder`` workers.
+
+    ``order(epoch)`` gives the batch index arrays of an epoch; ``batches(epoch, start)``
+    hands only batches start.. to the workers.
+    """
+
+    def __init__(self, decoder: BatchDecoder, order, num_batches: int, num_samples: int,
+                 workers: int, pin_memory: bool, prefetch: int, seed: int):
+        self.decoder, self.order = decoder, order
+        self.num_batches, self.num_samples = num_batches, num_samples
+        self._keys = _Keys()
+        self._bad_count, self._bad_paths = 0, []
+        # generator=: the DataLoader draws its worker base seed from here, not from the global
+        # torch RNG (the trainer's RNG state stays untouched; the workers' own seeds are unused).
+        self._dl = DataLoader(
+            decoder, batch_size=None, sampler=self._keys, num_workers=workers,
+            collate_fn=_identity, pin_memory=pin_memory,
+            prefetch_factor=prefetch if workers > 0 else None,
+            persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def batches(self, epoch: int, start: int = 0):
+        self._keys.keys = [(epoch, self.order(epoch, b)) for b in range(start, self.num_batches)]
+        for x, y, bad in self._dl:
+            if bad:
+                self._bad_count += len(bad)
+                self._bad_paths.extend(p for p, _ in bad[:REPORT_PATHS - len(self._bad_paths)])
+            if x is None:
+                path, reason = bad[-1]
+                raise DataError(f"{path}: unreadable image ({reason}); "
+                                f"set data.on_bad_image=skip to replace such images")
+            yield x, y
+
+    def bad_report(self) -> tuple[int, list[str]]:
+        out = (self._bad_count, list(self._bad_paths))
+        self._bad_count, self._bad_paths = 0, []
+        return out
+
+    def close(self) -> None:
+        it = getattr(self._dl, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._dl._iterator = None
+
+
+def _train_order(n: int, global_batch: int, seed: int, rank: int, world: int):
+    cache: dict = {}
+
+    def order(epoch: int, step: int) -> np.ndarray:
+        if cache.get("epoch") != epoch:
+            cache.update(epoch=epoch, perm=epoch_permutation(n, seed, epoch))
+        return train_batch_indices(cache["perm"], step, global_batch, rank, world).numpy()
+    return order
+
+
+def _val_order(shard: range, local: int):
+    def order(epoch: int, b: int) -> np.ndarray:
+        return np.arange(shard.start + b * local, min(shard.start + (b + 1) * local, shard.stop))
+    return order
+
+
+def train_geometry(cfg) -> tuple:
+    t, d = cfg.data.train, cfg.data
+    if t.aug == "paper":
+        return ("paper", tuple(t.scale), t.crop, t.flip)
+    if t.aug == "random_resized_crop":
+        return ("rrc", tuple(t.rrc_scale), tuple(t.rrc_ratio), t.crop, t.flip)
+    if t.aug == "none":
+        return ("center", max(d.val.resize, t.crop), t.crop)
+    raise ConfigError(f"data.train.aug: {t.aug!r} is for CIFAR; image folders take paper, "
+                      f"random_resized_crop or none")
+
+
+def val_geometry(cfg) -> tuple[tuple, int]:
+    """(geometry, images per batch of local_batch) for data.val.protocol."""
+    v = cfg.data.val
+    if v.protocol == "ten_crop":
+        return ("ten_crop", v.resize, v.crop), 10
+    if v.protocol == "multiscale":
+        return ("full", max(v.scales)), 0  # one image per batch: shapes differ
+    return ("center", v.resize, v.crop), 1
+
+
+def make_loader(paths, labels, geometry, cfg, order, num_batches, *, device, seed_tag: int):
+    d = cfg.data
+    dec = BatchDecoder(paths, labels, geometry, cfg.run.seed, d.on_bad_image)
+    pin = bool(d.pin_memory and torch.device(device).type == "cuda")
+    return FolderLoader(dec, order, num_batches, len(paths), d.workers, pin, d.prefetch,
+                        mix_seed(cfg.run.seed, seed_tag))
+
+
+# --------------------------------------------------------------------------- pixel mean
+
+
+def pixel_mean_image(paths, labels, resize: int, crop: int, samples: int, workers: int,
+                     on_bad: str = "skip") -> torch.Tensor:
+    """Mean (3, crop, crop) image in [0, 1] of the training images (short side -> resize,
+    centre crop), over ``samples`` evenly spaced images (0 = all)."""
+    n = len(paths)
+    k = n if samples <= 0 else min(samples, n)
+    idx = np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
+    dec = BatchDecoder(paths, labels, ("center", resize, crop), 0, on_bad)
+    per = 64
+    keys = [(0, idx[i:i + per]) for i in range(0, len(idx), per)]
+    total, count = torch.zeros(3, crop, crop, dtype=torch.float64), 0
+    dl = DataLoader(dec, batch_size=None, sampler=keys, num_workers=workers,
+                    collate_fn=_identity, generator=torch.Generator().manual_seed(0))
+    for x, _, bad in dl:
+        if x is None:
+            raise DataError(f"{bad[-1][0]}: unreadable image ({bad[-1][1]})")
+        total += x.double().sum(0)
+        count += x.shape[0]
+    return (total / (count * 255.0)).float()
+
+
+def cached_pixel_mean(cfg, paths, labels, run_dir, rank: int) -> torch.Tensor:
+    """The training set's mean image, computed once and cached in the run directory (or
+    in <root>/.resnet_train_cache when there is none)."""
+    d = cfg.data
+    resize, crop = max(d.val.resize, d.train.crop), d.train.crop
+    key = json.dumps([os.path.abspath(d.root), d.train_dir, len(paths), os.fsdecode(paths[0]),
+                      os.fsdecode(paths[-1]), resize, crop, d.pixel_mean_samples])
+    name = f"pixel_mean_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy"
+    cache_dir = run_dir if run_dir else os.path.join(d.root, ".resnet_train_cache")
+    path = os.path.join(cache_dir, name)
+    if os.path.isfile(path):
+        try:
+            arr = np.load(path, allow_pickle=False)
+            if arr.shape == (3, crop, crop):
+                return torch.from_numpy(arr)
+        except (OSError, ValueError):
+            pass  # a damaged cache is recomputed
+    mean = pixel_mean_image(paths, labels, resize, crop, d.pixel_mean_samples, d.workers,
+                            d.on_bad_image)
+    if rank == 0:
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as fh:
+                np.save(fh, mean.numpy())
+            os.replace(tmp, path)
+        except OSError as e:
+            warnings.warn(f"could not cache the pixel mean in {cache_dir}: {e}")
+    return mean
+
+
+# --------------------------------------------------------------------------- builder
+
+
+def build_folder(cfg, device, rank: int, world: int, run_dir=None) -> DataBundle:
+    """ImageNet or any folder of class folders; the val loader follows data.val.protocol."""
+    d, t = cfg.data, cfg.data.train
+    if not d.root or not os.path.isdir(d.root):
+        raise DataError(f"{d.root}: data root directory not found")
+    classes, train_paths, train_labels = scan_split(d.root, d.train_dir)
+    _, val_paths, val_labels = scan_split(d.root, d.val_dir, classes)
+    k = len(classes)
+    if d.num_classes is not None and d.num_classes != k:
+        raise ConfigError(f"data.num_classes: {d.num_classes} does not match "
+                          f"{os.path.join(d.root, d.train_dir)}: {k} class folders")
+    n = len(train_paths)
+    if n < d.batch_size:
+        raise ConfigError(f"data.batch_size: {d.batch_size} is larger than the training split "
+                          f"({n} images)")
+    seed, local = cfg.run.seed, d.batch_size // world
+    train = make_loader(train_paths, train_labels, train_geometry(cfg), cfg,
+                        _train_order(n, d.batch_size, seed, rank, world),
+                        train_steps_per_epoch(n, d.batch_size), device=device, seed_tag=11)
+    geometry, per_view = val_geometry(cfg)
+    vlocal = max(1, local // per_view) if per_view else 1
+    shard = val_shard(len(val_paths), rank, world)
+    val = make_loader(val_paths, val_labels, geometry, cfg, _val_order(shard, vlocal),
+                      math.ceil(len(shard) / vlocal), device=device, seed_tag=12)
+    if d.normalize == "pixel_mean":
+        mean = cached_pixel_mean(cfg, train_paths, train_labels, run_dir, rank)
+    else:
+        mean = d.mean or IMAGENET_MEAN
+    std = (d.std or IMAGENET_STD) if d.divide_std else None
+    train_prep = DevicePrep(mean, std, pca_alpha=t.pca_lighting, channels_last=False,
+                            device=device, color_jitter=t.color_jitter)
+    val_prep = DevicePrep(mean, std, channels_last=False, device=device)
+    info = {"classes": classes, "train_samples": n, "val_samples": len(val_paths),
+            "val_protocol": d.val.protocol}
+    return DataBundle(train, val, k, train_prep, val_prep, info)

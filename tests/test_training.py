@@ -1,0 +1,93 @@
+"""Training-loop behaviour: precision paths, accumulation, the non-finite guard, warm-up hook."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from resnet_train.cli import train as train_cli
+from resnet_train.trainer import resolve_amp, resolve_channels_last
+
+from .helpers import tiny
+
+
+def last(run_dir):
+    return torch.load(os.path.join(run_dir, "checkpoints", "last.pt"), weights_only=True)
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_bf16_channels_last_path_trains(tmp_path):
+    run_dir = str(tmp_path / "bf16")
+    assert train_cli.main(tiny(run_dir, "train.amp=bf16", "train.channels_last=true",
+                               "train.epochs=3", "optim.lr=0.1")) == 0
+    recs = metrics(run_dir)
+    assert recs[-1]["train_loss"] < recs[0]["train_loss"] - 0.05
+    ckpt = last(run_dir)
+    # master weights stay fp32 under autocast
+    assert all(v.dtype == torch.float32 for k, v in ckpt["model"].items() if "weight" in k)
+
+
+def test_amp_and_layout_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_amp("none", cpu) is None
+    assert resolve_amp("bf16", cpu) is torch.bfloat16
+    assert resolve_channels_last("auto", cpu, None) is False
+    assert resolve_channels_last("auto", cpu, torch.bfloat16) is True
+    assert resolve_channels_last("false", cpu, torch.bfloat16) is False
+    from resnet_train.errors import ConfigError
+    with pytest.raises(ConfigError, match="train.amp: fp16 needs a CUDA device"):
+        resolve_amp("fp16", cpu)
+
+
+def test_non_finite_losses_stop_and_keep_the_last_good_checkpoint(tmp_path, capsys):
+    run_dir = str(tmp_path / "nan")
+    assert train_cli.main(tiny(run_dir, "train.epochs=1", "checkpoint.every_steps=1")) == 0
+    good = last(run_dir)
+    # Continue the same run with an absurd lr: the weights blow up within a few steps.
+    code = train_cli.main(tiny(run_dir, "train.epochs=2", "checkpoint.every_steps=1",
+                               "optim.lr=1e12", "train.max_bad_steps=2"))
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "2 consecutive non-finite losses" in out and "last good checkpoint" in out
+    ckpt = last(run_dir)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert ckpt["global_step"] >= good["global_step"]
+
+
+def test_accumulation_matches_the_big_batch_without_batchnorm_effects(tmp_path):
+    """accum_steps=2 runs two half batches per optimizer step: same number of steps, and
+    the same samples per step as accum_steps=1."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert train_cli.main(tiny(a, "train.epochs=1", "run.deterministic=true")) == 0
+    assert train_cli.main(tiny(b, "train.epochs=1", "run.deterministic=true",
+                               "train.accum_steps=2")) == 0
+    ra, rb = metrics(a)[0], metrics(b)[0]
+    assert ra["global_step"] == rb["global_step"] == 8
+    # Both saw the same 256 images; the per-micro-batch BN makes the numbers differ slightly.
+    assert last(a)["partial"] is None and last(b)["epoch"] == 1
+    wa, wb = last(a)["model"]["fc.weight"], last(b)["model"]["fc.weight"]
+    assert not torch.equal(wa, wb)
+    assert (wa - wb).norm() / wa.norm() < 0.5
+
+
+def test_indivisible_accumulation_is_a_config_error(tmp_path, capsys):
+    assert train_cli.main(tiny(str(tmp_path / "r"), "train.accum_steps=3")) == 2
+    assert "train.accum_steps" in capsys.readouterr().err
+
+
+def test_low_lr_warmup_switches_back_when_train_error_drops(tmp_path):
+    run_dir = str(tmp_path / "w")
+    # The threshold 0.95 is crossed almost at once; 0.0 is never crossed.
+    assert train_cli.main(tiny(run_dir, "train.epochs=1", "schedule.low_lr_until_error=0.95",
+                               "schedule.low_lr_factor=0.1")) == 0
+    state = last(run_dir)["schedule"]
+    assert state["low_lr_ended_at"] is not None and state["low_lr_ended_at"] < 8
+    run2 = str(tmp_path / "w2")
+    assert train_cli.main(tiny(run2, "train.epochs=1", "schedule.low_lr_until_error=0.0")) == 0
+    assert last(run2)["schedule"]["low_lr_ended_at"] is None
+    assert metrics(run2)[0]["lr"] == pytest.approx(0.005)
