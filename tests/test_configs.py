@@ -1,0 +1,48 @@
+"""Every shipped config loads, validates and names a buildable network."""
+
+import glob
+import os
+
+import pytest
+
+from resnet_train.config import load_config
+from resnet_train.models import ARCHS, arch_family, build_model
+
+from .helpers import ROOT
+
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+
+
+def test_there_are_paper_configs():
+    names = {os.path.basename(p) for p in CONFIGS}
+    assert {"quickstart.yaml", "imagenet_r50.yaml", "cifar10_resnet110.yaml",
+            "cifar10_preact_resnet1001.yaml", "imagenet_plain34.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_loads(path, tmp_path):
+    cfg = load_config(path, [f"data.root={tmp_path}"])
+    assert cfg.model.arch in ARCHS
+    family = arch_family(cfg.model.arch)
+    if cfg.data.dataset in ("cifar10", "cifar100", "synthetic"):
+        assert family == "cifar"
+    else:
+        assert family == "imagenet"
+    # the options in the file are accepted by the model builder (tiny width keeps it cheap)
+    depth = int("".join(c for c in cfg.model.arch if c.isdigit()))
+    if depth <= 110:
+        m = cfg.model
+        build_model(m.arch, 10, variant=m.variant, shortcut=m.shortcut, unit=m.unit,
+                    zero_init_residual=m.zero_init_residual, width=4)
+
+
+def test_paper_recipes():
+    c = load_config(os.path.join(ROOT, "configs", "cifar10_resnet110.yaml"),
+                    ["data.root=/tmp"])
+    assert (c.train.iterations, c.schedule.unit, c.schedule.milestones) == (64000, "iter",
+                                                                             [32000, 48000])
+    assert c.schedule.low_lr_until_error == 0.8 and c.data.val_split == "holdout"
+    i = load_config(os.path.join(ROOT, "configs", "imagenet_r50.yaml"), ["data.root=/tmp"])
+    assert (i.data.batch_size, i.optim.lr, i.schedule.name) == (256, 0.1, "plateau")
+    assert i.data.train.scale == [256, 480] and i.data.train.pca_lighting == 0.1
+    assert (i.model.variant, i.model.shortcut) == ("v1", "B")
