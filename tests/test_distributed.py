@@ -103,3 +103,55 @@ def test_indivisible_global_batch_is_a_config_error(tmp_path):
     r = torchrun(2, "train", *tiny(str(tmp_path / "r"), "data.batch_size=33"))
     assert r.returncode != 0
     assert "data.batch_size: global batch 33 is not divisible by the world size 2" in r.stderr
+
+
+def _worker_pid(rank: int, marker: str) -> int | None:
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read().decode(errors="replace")
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if marker in cmd and "torch.distributed.run" not in cmd and \
+                f"RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+def test_signal_on_one_rank_stops_all_ranks_after_saving(tmp_path):
+    import signal as sig
+    import time
+    run_dir = str(tmp_path / "preempt")
+    args = tiny(run_dir, "train.epochs=2", "run.log_every=1", "checkpoint.signal_check_every=2")
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "resnet_train.cli.train", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    while True:
+        line = proc.stdout.readline()
+        assert line, "".join(lines) + proc.stderr.read()[-2000:]
+        lines.append(line)
+        if "epoch 0 step 2/8" in line:
+            break
+    pid = _worker_pid(1, run_dir)
+    assert pid is not None
+    os.kill(pid, sig.SIGUSR1)  # SLURM's warning signal, to rank 1 only
+    t0 = time.time()
+    out, err = proc.communicate(timeout=120)
+    assert time.time() - t0 < 30
+    out = "".join(lines) + out
+    assert "received a stop signal on another rank" in out, out + err[-2000:]
+    assert "exitcode  : 3" in err or "exit code 3" in out
+    ckpt = torch.load(os.path.join(run_dir, "checkpoints", "last.pt"), weights_only=True)
+    assert ckpt["epoch"] == 0 and 2 <= ckpt["step_in_epoch"] < 8
+    assert ckpt["step_in_epoch"] % 2 == 0  # ranks agree at the signal_check_every boundary
+    r = torchrun(2, "train", *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    final = torch.load(os.path.join(run_dir, "checkpoints", "last.pt"), weights_only=True)
+    assert (final["epoch"], final["global_step"]) == (2, 16)
