@@ -239,6 +239,8 @@ def test_unit_op_order(unit):
 def test_projection_block_orders():
     # the projection (conv, + BN unless full pre-activation) runs after the branch
     assert op_kinds(BasicBlock(4, 8, 2)) == "conv bn relu conv bn conv bn add relu".split()
+    assert op_kinds(BasicBlock(4, 8, 2, shortcut="A")) == \
+        "conv bn relu conv bn pad add relu".split()
     # full pre-activation shares the first BN-ReLU with a stage's first (projecting) unit
     shared = Bottleneck(16, 8, 2, unit="full_preact", preact="shared")
     assert op_kinds(shared) == "bn relu conv bn relu conv bn relu conv conv add".split()
