@@ -43,7 +43,8 @@ class _SafeUnpickler(pickle.Unpickler):
 
     _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                 ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-                ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+                ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
+                ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode"),
                 ("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor")}
 
     def find_class(self, module, name):
@@ -185,6 +186,9 @@ class CifarTrain(Loader):
 def build_cifar(cfg, device, rank: int, world: int, run_dir=None) -> DataBundle:
     d, t = cfg.data, cfg.data.train
     name = d.dataset
+    if t.aug == "random_resized_crop":
+        raise ConfigError("data.train.aug: random_resized_crop is for image folders; "
+                          "use cifar (or paper) or none for CIFAR")
     if d.val.protocol != "center":
         raise ConfigError(f"data.val.protocol: {name} is evaluated on its 32x32 images; "
                           f"only 'center' applies, got {d.val.protocol!r}")
@@ -200,22 +204,18 @@ def build_cifar(cfg, device, rank: int, world: int, run_dir=None) -> DataBundle:
         train_x, train_y = train_x[tr], train_y[tr]
     else:
         val_x, val_y = (torch.from_numpy(a) for a in data["test"])
+    mean_c, std_c = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+    mean = d.mean or mean_c
     if d.normalize == "pixel_mean":  # the paper: the per-pixel mean of the training images
-        pixel_mean = torch.from_numpy(train_x.numpy().mean(0, dtype=np.float64) / 255.0)
+        mean = torch.from_numpy(train_x.numpy().mean(0, dtype=np.float64) / 255.0).float()
+    std = (d.std or std_c) if d.divide_std else None
     if train_x.shape[0] < d.batch_size:
         raise ConfigError(f"data.batch_size: {d.batch_size} is larger than the {name} training "
                           f"split ({train_x.shape[0]} images)")
-    train_x, train_y = train_x.to(device), train_y.to(device)
     aug = t.aug != "none"  # paper and cifar are the CIFAR paper's pad-crop-flip
-    if t.aug == "random_resized_crop":
-        raise ConfigError("data.train.aug: random_resized_crop is for image folders; "
-                          "use cifar (or paper) or none for CIFAR")
-    train = CifarTrain(train_x, train_y, d.batch_size, aug, t.pad, t.flip, cfg.run.seed,
-                       rank, world)
+    train = CifarTrain(train_x.to(device), train_y.to(device), d.batch_size, aug, t.pad, t.flip,
+                       cfg.run.seed, rank, world)
     val = TensorSplit(val_x.to(device), val_y.to(device), d.batch_size // world, rank, world)
-    mean_c, std_c = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
-    mean = pixel_mean.float() if d.normalize == "pixel_mean" else (d.mean or mean_c)
-    std = (d.std or std_c) if d.divide_std else None
     train_prep = DevicePrep(mean, std, pca_alpha=t.pca_lighting, channels_last=False,
                             device=device, color_jitter=t.color_jitter)
     val_prep = DevicePrep(mean, std, channels_last=False, device=device)

@@ -151,29 +151,26 @@ class BatchDecoder(Dataset):
     def __getitem__(self, key):
         epoch, indices = key
         bad: list[tuple[str, str]] = []
-        kind = self.geometry[0]
-        if kind in ("paper", "rrc", "center"):  # fixed crop x crop: decode straight into the batch
-            crop = self.geometry[-2] if kind != "center" else self.geometry[2]
-            nhwc = _empty_batch((len(indices), crop, crop, 3))
-            buf = nhwc.numpy()
-            labels = np.empty(len(indices), dtype=np.int64)
-            for k, i in enumerate(indices):
-                got = self.sample(epoch, int(i), bad)
-                if got is None:
-                    return None, None, bad
-                buf[k], labels[k] = got
-            # NCHW shape over the decoded NHWC memory (channels_last strides): no transpose
-            # on the CPU; the device's float conversion keeps this layout.
-            return nhwc.permute(0, 3, 1, 2), torch.from_numpy(labels), bad
-        arrays, labels = [], []
-        for i in indices:
+        fixed = self.geometry[0] in ("paper", "rrc", "center")  # every sample crop x crop
+        nhwc, arrays = None, []
+        labels = np.empty(len(indices), dtype=np.int64)
+        for k, i in enumerate(indices):
             got = self.sample(epoch, int(i), bad)
             if got is None:
                 return None, None, bad
-            arrays.append(got[0])
-            labels.append(got[1])
+            if fixed:  # decode straight into the batch
+                if nhwc is None:
+                    nhwc = _empty_batch((len(indices), *got[0].shape))
+                nhwc.numpy()[k] = got[0]
+            else:
+                arrays.append(got[0])
+            labels[k] = got[1]
+        if fixed:
+            # NCHW shape over the decoded NHWC memory (channels_last strides): no transpose
+            # on the CPU; the float conversion on the device keeps this layout.
+            return nhwc.permute(0, 3, 1, 2), torch.from_numpy(labels), bad
         x = torch.from_numpy(np.stack(arrays))       # (N, H, W, C) or (N, 10, H, W, C)
-        return x.movedim(-1, -3).contiguous(), torch.tensor(labels, dtype=torch.int64), bad
+        return x.movedim(-1, -3).contiguous(), torch.from_numpy(labels), bad
 
 
 def _empty_batch(shape) -> torch.Tensor:
@@ -205,7 +202,7 @@ class _Keys(Sampler):
 class FolderLoader(Loader):
     """Batches of one split through a DataLoader of ``BatchDecoder`` workers.
 
-    ``order(epoch)`` gives the batch index arrays of an epoch; ``batches(epoch, start)``
+    ``order(epoch, b)`` gives the sample indices of batch b; ``batches(epoch, start)``
     hands only batches start.. to the workers.
     """
 
@@ -278,14 +275,16 @@ def train_geometry(cfg) -> tuple:
                       f"random_resized_crop or none")
 
 
-def val_geometry(cfg) -> tuple[tuple, int]:
-    """(geometry, images per batch of local_batch) for data.val.protocol."""
+def val_geometry(cfg, local: int) -> tuple[tuple, int]:
+    """(geometry, images per batch) for data.val.protocol and this rank's batch size."""
     v = cfg.data.val
-    if v.protocol == "ten_crop":
-        return ("ten_crop", v.resize, v.crop), 10
-    if v.protocol == "multiscale":
-        return ("full", max(v.scales)), 0  # one image per batch: shapes differ
-    return ("center", v.resize, v.crop), 1
+    if v.protocol == "ten_crop":  # 10 views an image: the same pixels per batch as center
+        return ("ten_crop", v.resize, v.crop), max(1, local // 10)
+    if v.protocol == "multiscale":  # whole images differ in shape: one per batch
+        if not v.scales:
+            raise ConfigError("data.val.scales: the multiscale protocol needs at least one scale")
+        return ("full", max(v.scales)), 1
+    return ("center", v.resize, v.crop), local
 
 
 def make_loader(paths, labels, geometry, cfg, order, num_batches, *, device, seed_tag: int):
@@ -373,8 +372,7 @@ def build_folder(cfg, device, rank: int, world: int, run_dir=None) -> DataBundle
     train = make_loader(train_paths, train_labels, train_geometry(cfg), cfg,
                         _train_order(n, d.batch_size, seed, rank, world),
                         train_steps_per_epoch(n, d.batch_size), device=device, seed_tag=11)
-    geometry, per_view = val_geometry(cfg)
-    vlocal = max(1, local // per_view) if per_view else 1
+    geometry, vlocal = val_geometry(cfg, local)
     shard = val_shard(len(val_paths), rank, world)
     val = make_loader(val_paths, val_labels, geometry, cfg, _val_order(shard, vlocal),
                       math.ceil(len(shard) / vlocal), device=device, seed_tag=12)

@@ -1,0 +1,268 @@
+"""Transforms: crop geometry, box resize vs resize-then-crop, device prep, eval views."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from resnet_train.data import transforms as T
+from resnet_train.data.sampling import mix_seed
+
+
+def smooth_image(w: int, h: int, seed: int = 0) -> Image.Image:
+    """Smooth colour gradients: resampling differences stay small on it."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.empty((h, w, 3), np.float32)
+    for c in range(3):
+        a, b, p = rng.uniform(-1, 1, 3)
+        img[..., c] = 128 + 100 * np.sin(xx / w * a * 4 + yy / h * b * 4 + p * 3)
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+
+
+def diff(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean())
+
+
+# --------------------------------------------------------------------------- worker geometry
+
+
+@pytest.mark.parametrize("fmt,tol", [("png", 0.05), ("jpg", 0.5)])
+@pytest.mark.parametrize("seed", range(4))
+def test_paper_box_resize_matches_resize_then_crop(tmp_path, seed, fmt, tol):
+    """PNG: PIL's resize(box=) is exact. JPEG: torch's kernel on the box rounded to whole
+    pixels; a 1-pixel shift of the crop costs more than the tolerance here."""
+    path = tmp_path / f"img.{fmt}"
+    smooth_image(500, 375, seed).save(path, quality=95)
+    img = Image.open(path).convert("RGB")
+    choose = lambda w, h: T.crop_box_paper(w, h, (256, 480), 224, True, random.Random(seed))  # noqa: E731
+    ours = T.load_crop(str(path), choose)
+    # The reference draws the same numbers in the same order: side, top, left, flip.
+    rng = random.Random(seed)
+    side = rng.randint(256, 480)
+    ref = TF.resize(img, side)  # torchvision: whole image, short side -> side
+    top, left = rng.randint(0, ref.height - 224), rng.randint(0, ref.width - 224)
+    ref = TF.crop(ref, top, left, 224, 224)
+    if rng.random() < 0.5:
+        ref = TF.hflip(ref)
+    assert ours.shape == (224, 224, 3) and ours.dtype == np.uint8
+    assert diff(ours, ref) < tol
+
+
+def test_jpeg_fast_path_falls_back_to_pil(tmp_path, monkeypatch):
+    smooth_image(300, 200, 3).save(tmp_path / "a.jpg", quality=95)
+    choose = lambda w, h: T.crop_box_center(w, h, 180, 160)  # noqa: E731
+    fast = T.load_crop(str(tmp_path / "a.jpg"), choose)
+    assert T.jpeg_size(open(tmp_path / "a.jpg", "rb").read()) == (300, 200)
+    monkeypatch.setattr(T, "_jpeg_decoder", lambda: None)  # a torchvision without decoders
+    slow = T.load_crop(str(tmp_path / "a.jpg"), choose)
+    assert fast.shape == slow.shape == (160, 160, 3)
+    assert diff(fast, slow) < 0.5
+
+
+def test_center_box_matches_torchvision_resize_center_crop(tmp_path):
+    img = smooth_image(333, 500, 1)  # portrait
+    img.save(tmp_path / "p.png")
+    ours = T.load_crop(str(tmp_path / "p.png"), lambda w, h: T.crop_box_center(w, h, 256, 224))
+    ref = TF.center_crop(TF.resize(img, 256), 224)
+    assert ours.shape == (224, 224, 3)
+    assert diff(ours, ref) < 0.05
+
+
+def test_jpeg_draft_when_box_shrinks_2x(tmp_path, monkeypatch):
+    img = smooth_image(1200, 900, 2)
+    img.save(tmp_path / "big.jpg", quality=95)
+    img.save(tmp_path / "big.png")
+    from PIL import JpegImagePlugin
+    calls = []
+    real = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, mode, size: calls.append(size) or real(self, mode, size))
+    choose = lambda w, h: T.crop_box_center(w, h, 256, 224)  # noqa: E731  shrink 900/256 = 3.5x
+    drafted = T.load_crop(str(tmp_path / "big.jpg"), choose)
+    exact = T.load_crop(str(tmp_path / "big.png"), choose)
+    assert calls == [(400, 300)]  # k = 3: at most 3x smaller, so libjpeg decodes at 1/2
+    assert drafted.shape == exact.shape == (224, 224, 3)
+    assert diff(drafted, exact) < 2.0
+    calls.clear()  # a box that shrinks < 2x decodes at full size
+    T.load_crop(str(tmp_path / "big.jpg"), lambda w, h: T.crop_box_center(w, h, 600, 224))
+    assert calls == []
+
+
+def test_paper_scale_crop_flip_ranges():
+    w, h, crop = 500, 375, 224
+    sides, flips, x0s, x1s = [], [], [], []
+    for i in range(3000):
+        (x0, y0, x1, y1), size, flip = T.crop_box_paper(w, h, (256, 480), crop, True,
+                                                        random.Random(mix_seed(1, 0, i)))
+        assert size == (crop, crop)
+        assert -1e-9 <= x0 < x1 <= w + 1e-9 and -1e-9 <= y0 < y1 <= h + 1e-9
+        sides.append(round(crop * h / (y1 - y0)))  # short side of the implied resized image
+        flips.append(flip)
+        x0s.append(x0)
+        x1s.append(x1)
+    sides = np.array(sides)
+    assert sides.min() == 256 and sides.max() == 480
+    assert abs(sides.mean() - 368) < 5            # uniform on [256, 480]
+    assert abs(np.mean(sides < 368) - 0.5) < 0.04
+    assert abs(np.mean(flips) - 0.5) < 0.04
+    assert min(x0s) < 1 and max(x1s) > w - 1      # crops reach both edges
+
+
+def test_random_resized_crop_ranges():
+    w, h = 400, 300
+    areas, ratios, flips = [], [], []
+    for i in range(2000):
+        (x0, y0, x1, y1), size, flip = T.crop_box_rrc(w, h, (0.08, 1.0), (3 / 4, 4 / 3), 224,
+                                                      True, random.Random(i))
+        assert size == (224, 224) and 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+        areas.append((x1 - x0) * (y1 - y0) / (w * h))
+        ratios.append((x1 - x0) / (y1 - y0))
+        flips.append(flip)
+    assert 0.07 < min(areas) < 0.12 and max(areas) > 0.95 and max(areas) <= 1.0
+    assert min(ratios) > 0.74 and max(ratios) < 1.35
+    assert abs(np.mean(flips) - 0.5) < 0.05
+
+
+# --------------------------------------------------------------------------- device prep
+
+
+def test_prep_normalises_like_the_formula():
+    x = torch.randint(0, 256, (4, 3, 5, 6), dtype=torch.uint8)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
+    out = T.DevicePrep(mean, std)(x)
+    ref = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert x.dtype == torch.uint8  # input untouched
+    xf = x.float()
+    T.DevicePrep(mean, None)(xf)
+    assert torch.equal(xf, x.float())  # a float input is not modified in place either
+
+
+def test_pca_lighting_equals_per_image_loop():
+    x = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    prep = T.DevicePrep(mean, std, pca_alpha=0.1)
+    out = prep(x, torch.Generator().manual_seed(5))
+    alpha = torch.randn(6, 3, generator=torch.Generator().manual_seed(5)) * 0.1
+    eigval, eigvec = torch.tensor(T.IMAGENET_EIGVAL), torch.tensor(T.IMAGENET_EIGVEC)
+    for i in range(6):
+        rgb = sum(eigvec[:, j] * alpha[i, j] * eigval[j] for j in range(3))  # AlexNet eq.
+        ref = (x[i].float() / 255 + rgb.view(3, 1, 1) - torch.tensor(mean).view(3, 1, 1)) \
+            / torch.tensor(std).view(3, 1, 1)
+        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, T.DevicePrep(mean, std)(x))  # lighting did something
+
+
+def test_prep_channels_last_fast_path_equals_contiguous():
+    x = torch.randint(0, 256, (3, 3, 7, 9), dtype=torch.uint8)
+    for mean in [(0.3, 0.4, 0.5), torch.rand(3, 7, 9)]:
+        prep = T.DevicePrep(mean, (0.2, 0.25, 0.3), pca_alpha=0.1)
+        a = prep(x, torch.Generator().manual_seed(1))
+        b = prep(x.contiguous(memory_format=torch.channels_last), torch.Generator().manual_seed(1))
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        assert b.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_pixel_mean_prep_resizes_mean_for_other_sizes():
+    mean = torch.full((3, 8, 8), 0.5)
+    mean[0] = 0.25
+    prep = T.DevicePrep(mean, None)
+    out = prep(torch.full((1, 3, 16, 12), 255, dtype=torch.uint8))
+    assert out.shape == (1, 3, 16, 12)
+    torch.testing.assert_close(out[0, 0], torch.full((16, 12), 0.75))
+    torch.testing.assert_close(out[0, 1], torch.full((16, 12), 0.5))
+
+
+def test_color_jitter_matches_torchvision_per_image():
+    x = torch.randint(0, 256, (5, 3, 6, 6), dtype=torch.uint8)
+    out = T.color_jitter(x.float(), 0.4, torch.Generator().manual_seed(3))
+    f = 1 + (torch.rand(5, 3, generator=torch.Generator().manual_seed(3)) * 2 - 1) * 0.4
+    for i in range(5):
+        ref = x[i].float() / 255
+        ref = TF.adjust_brightness(ref, float(f[i, 0]))
+        ref = TF.adjust_contrast(ref, float(f[i, 1]))
+        ref = TF.adjust_saturation(ref, float(f[i, 2]))
+        torch.testing.assert_close(out[i] / 255, ref, atol=1e-4, rtol=0)
+    same = T.DevicePrep((0.5,) * 3, None, color_jitter=0.0)(x)
+    jit = T.DevicePrep((0.5,) * 3, None, color_jitter=0.4)(x, torch.Generator().manual_seed(3))
+    assert not torch.allclose(same, jit)
+
+
+# --------------------------------------------------------------------------- CIFAR pad-crop-flip
+
+
+def test_pad_crop_flip_gather_equals_loop_and_ranges():
+    images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)
+    store = T.PadCropFlip(images, pad=2, flip=True)
+    idx = torch.tensor([3, 0, 19, 7, 7, 11])
+    oy, ox, fl = T.pad_crop_flip_params(6, 2, True, torch.Generator().manual_seed(0))
+    fl = torch.tensor([True, False, True, False, True, True])
+    out = store(idx, oy, ox, fl)
+    assert torch.equal(out, T.pad_crop_flip(images[idx], oy, ox, fl, 2))
+    # zero padding shows: an offset-0 crop has zero top rows/left columns
+    out0 = store(torch.tensor([0]), torch.tensor([0]), torch.tensor([0]), torch.tensor([False]))
+    assert out0[0, :, :2].eq(0).all() and out0[0, :, :, :2].eq(0).all()
+    assert torch.equal(out0[0, :, 2:, 2:], images[0, :, :6, :6])
+    oy, ox, fl = T.pad_crop_flip_params(4000, 4, True, torch.Generator().manual_seed(1))
+    assert oy.min() == 0 and oy.max() == 8 and ox.min() == 0 and ox.max() == 8
+    assert abs(oy.float().mean().item() - 4) < 0.15
+    assert abs(fl.float().mean().item() - 0.5) < 0.03
+    _, _, nofl = T.pad_crop_flip_params(100, 4, False, torch.Generator().manual_seed(1))
+    assert not nofl.any()
+
+
+# --------------------------------------------------------------------------- eval views
+
+
+def test_ten_crop_count_and_order():
+    x = torch.arange(2 * 3 * 6 * 8, dtype=torch.float32).view(2, 3, 6, 8)
+    v = T.ten_crop(x, 4)
+    assert v.shape == (2, 10, 3, 4, 4)
+    expect = [x[..., :4, :4], x[..., :4, 4:], x[..., 2:, :4], x[..., 2:, 4:], x[..., 1:5, 2:6]]
+    for k in range(5):
+        assert torch.equal(v[:, k], expect[k])
+        assert torch.equal(v[:, k + 5], expect[k].flip(-1))
+    single = T.ten_crop(x[0], 4)  # CHW
+    assert single.shape == (10, 3, 4, 4) and torch.equal(single, v[0])
+    pil = Image.fromarray(np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3))
+    pv = T.ten_crop(pil, 4)
+    assert pv.shape == (10, 3, 4, 4) and pv.dtype == torch.uint8
+    assert torch.equal(pv[1], torch.from_numpy(np.array(pil)).permute(2, 0, 1)[:, :4, 4:])
+    views = T.eval_views(x, "ten_crop", crop=4)
+    assert len(views) == 10 and all(torch.equal(a, v[:, k]) for k, a in enumerate(views))
+    assert all(torch.equal(a, b) for a, b in zip(T.eval_views(v, "ten_crop"), views))
+
+
+def test_multiscale_views_shapes_and_flips():
+    x = torch.randint(0, 256, (1, 3, 375, 500), dtype=torch.uint8)
+    views = T.eval_views(x, "multiscale", scales=T.MULTI_SCALES)
+    assert [tuple(v.shape[-2:]) for v in views] == [
+        (224, int(224 * 500 / 375)), (256, int(256 * 500 / 375)), (384, 512), (480, 640),
+        (640, int(640 * 500 / 375))]
+    assert all(v.dtype == torch.uint8 for v in views)
+    flipped = T.eval_views(x, "multiscale", scales=(256, 375), flip=True)
+    assert len(flipped) == 4
+    assert torch.equal(flipped[1], flipped[0].flip(-1))
+    assert torch.equal(flipped[2], x)  # already at that scale: untouched
+    portrait = T.resize_short(torch.zeros(2, 3, 40, 30), 15)
+    assert portrait.shape == (2, 3, 20, 15)
+    c = T.eval_views(torch.zeros(1, 3, 10, 12), "center", crop=8)
+    assert len(c) == 1 and c[0].shape == (1, 3, 8, 8)
+    with pytest.raises(ValueError):
+        T.eval_views(x, "five_crop")
+
+
+def test_resize_short_is_antialiased_mean_preserving():
+    x = torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8)
+    y = T.resize_short(x, 16)
+    assert y.shape == (1, 3, 16, 24)
+    assert abs(y.float().mean() - x.float().mean()) < 1.0
+    assert math.isclose(T.resize_short(x.float(), 32).mean().item(), x.float().mean().item(),
+                        abs_tol=0.5)
