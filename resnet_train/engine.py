@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed as dist_utils
+from .data.transforms import eval_views
 
 
 class NonFiniteLoss(RuntimeError):
@@ -187,6 +188,37 @@ def _feed_train_error(s: Stepper, meter: Meter, step: int) -> None:
         s.schedule.on_train_error(step, 1.0 - c1 / n)
         # Once the low-lr phase is over it never returns: stop paying for the sync.
         s.watch_train_error = s.schedule.state_dict().get("low_lr_ended_at") is None
+
+
+def view_scorer(protocol: str, crop: int, scales=(), flip: bool = False):
+    """The ``views`` argument of :func:`evaluate` for ``data.val.protocol``; None for centre.
+
+    ``ten_crop``: the loader's (N, 10, C, crop, crop) batch runs as one (10N, ...) forward
+    pass. ``multiscale``: each view (one image per batch, every short side in ``scales``,
+    mirrored too with ``flip``) runs fully convolutionally. Either way the score of an image
+    is the log of its views' mean softmax (the papers average the class scores).
+    """
+    if protocol == "center":
+        return None
+
+    def score(model: nn.Module, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+        if protocol == "ten_crop" and x.dim() == 5:
+            n, v = x.shape[:2]
+            flat = x.flatten(0, 1)
+            if channels_last:
+                flat = flat.contiguous(memory_format=torch.channels_last)
+            probs = F.softmax(model(flat).float(), dim=1)
+            return probs.view(n, v, -1).mean(1).log()
+        total = None
+        views = eval_views(x, protocol, crop, scales, flip)
+        for view in views:
+            if channels_last:
+                view = view.contiguous(memory_format=torch.channels_last)
+            p = F.softmax(model(view).float(), dim=1)
+            total = p if total is None else total + p
+        return (total / len(views)).log()
+
+    return score
 
 
 @torch.inference_mode()

@@ -16,7 +16,8 @@ from . import __version__
 from . import checkpoint as ckpt_io
 from . import distributed as dist_utils
 from .config import Config, dump, to_dict
-from .engine import Meter, NonFiniteLoss, Stepper, Timer, evaluate, train_one_epoch
+from .engine import (Meter, NonFiniteLoss, Stepper, Timer, evaluate, train_one_epoch,
+                     view_scorer)
 from .errors import ConfigError
 from .logging import Progress, RunLogger, say
 
@@ -314,13 +315,19 @@ class Trainer:
         last_epoch = epoch == self.epochs - 1
         val = None
         if (epoch + 1) % cfg.train.eval_every == 0 or last_epoch:
+            v = cfg.data.val
             val = evaluate(self.model, self.data.val, self.data.val_prep, self.device, self.amp,
-                           self.channels_last, info)
+                           self.channels_last, info,
+                           views=view_scorer(v.protocol, v.crop, v.scales, v.flip))
         self.stepper.schedule.on_epoch_end(epoch, None if val is None else 1.0 - val["top1"])
         improved = val is not None and val["top1"] > pos.best_top1
         if improved:
             pos.best_top1, pos.best_epoch = val["top1"], epoch
         bad_count, bad_paths = self.data.train.bad_report()
+        val_bad, val_paths = self.data.val.bad_report()
+        if info.world > 1:  # each rank decodes its own shard: the counts add up
+            bad_count, val_bad = (int(v) for v in dist_utils.all_reduce_sum(
+                [bad_count, val_bad], self.device, info))
         perf = {"images_per_sec": timer.images / max(timer.wall, 1e-9),
                 "epoch_seconds": timer.wall,
                 "data_wait_frac": timer.data_wait / max(timer.wall, 1e-9),
@@ -336,7 +343,7 @@ class Trainer:
                "val_top1": None if val is None else val["top1"],
                "val_top5": None if val is None else val["top5"],
                "val_n": None if val is None else val["n"], **perf,
-               "bad_images": bad_count}
+               "bad_images": bad_count, "val_bad_images": val_bad}
         if info.is_main:
             step = self.stepper.global_step
             self.logger.record(rec)
@@ -348,9 +355,12 @@ class Trainer:
                                      "val/top5": val["top5"]}, step)
             if cfg.model.log_block_norms:
                 self._log_block_norms(step)
-            if bad_count:
-                say(f"warning: epoch {epoch}: skipped {bad_count} unreadable images, e.g. "
-                    + ", ".join(bad_paths[:3]))
+            for split, count, paths in (("train", bad_count, bad_paths),
+                                        ("val", val_bad, val_paths)):
+                if count:
+                    eg = (", e.g. " + ", ".join(paths[:3])) if paths else " (on other ranks)"
+                    say(f"warning: epoch {epoch}: skipped {count} unreadable {split} "
+                        f"images{eg}")
             val_txt = "" if val is None else (f" | val loss {val['loss']:.4f} top1 "
                                               f"{val['top1']:.4f} top5 {val['top5']:.4f}")
             say(f"epoch {epoch}: train loss {train['loss']:.4f} top1 {train['top1']:.4f}"

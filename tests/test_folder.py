@@ -290,8 +290,11 @@ def test_val_protocols(tree):
     prepared = b.val_prep(batches[0][0])  # prep accepts the 5-D batch
     assert prepared.shape == (2, 10, 3, 32, 32) and prepared.dtype == torch.float32
     m = build(cfg(tree, val={"protocol": "multiscale", "scales": [32, 40]}))
-    xs = epoch(m.val)
-    assert len(xs) == 7 and all(x.shape == (1, 3, 40, int(40 * W / H)) for x, _ in xs)
+    xs = epoch(m.val)  # a scale above the image's own: loaded as it is, enlarged on the device
+    assert len(xs) == 7 and all(x.shape == (1, 3, H, W) for x, _ in xs)
+    m = build(cfg(tree, val={"protocol": "multiscale", "scales": [16, 20]}))
+    xs = epoch(m.val)  # all scales below: loaded at the largest one
+    assert len(xs) == 7 and all(x.shape == (1, 3, 20, int(20 * W / H)) for x, _ in xs)
 
 
 # --------------------------------------------------------------------------- prepare script

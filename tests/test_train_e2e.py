@@ -21,7 +21,10 @@ def read_tb(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(os.path.join(run_dir, "tb"))
     acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    # Sorted by step: event files load in file-name order, and in one test process the
+    # writers' counter can make a resumed run's file sort first (".../10" < ".../9").
+    return {tag: sorted((e.step, e.value) for e in acc.Scalars(tag))
+            for tag in acc.Tags()["scalars"]}
 
 
 @pytest.fixture(scope="module")

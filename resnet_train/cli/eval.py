@@ -36,7 +36,7 @@ def evaluate_checkpoint(path: str, config: str | None = None,
     from .. import distributed as dist_utils
     from ..config import load_config
     from ..data import build_data
-    from ..engine import evaluate
+    from ..engine import evaluate, view_scorer
     from ..models import build_model
     from ..trainer import resolve_amp, resolve_channels_last, resolve_device
 
@@ -58,7 +58,10 @@ def evaluate_checkpoint(path: str, config: str | None = None,
         model.to(device)
         if channels_last:
             model.to(memory_format=torch.channels_last)
-        result = evaluate(model, data.val, data.val_prep, device, amp, channels_last, info)
+        v = cfg.data.val
+        result = evaluate(model, data.val, data.val_prep, device, amp, channels_last, info,
+                          views=view_scorer(v.protocol, v.crop, v.scales, v.flip))
+        result["protocol"] = v.protocol
         data.train.close()
         data.val.close()
         result["checkpoint"] = os.path.abspath(path)

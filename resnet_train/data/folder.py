@@ -27,7 +27,7 @@ from . import DataBundle, Loader
 from .sampling import (epoch_permutation, mix_seed, train_batch_indices, train_steps_per_epoch,
                        val_shard)
 from .transforms import (IMAGENET_MEAN, IMAGENET_STD, DevicePrep, crop_box_center, crop_box_full,
-                         crop_box_paper, crop_box_rrc, load_crop, ten_crop)
+                         crop_box_paper, crop_box_resized, crop_box_rrc, load_crop, ten_crop)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MAX_TRIES = 10          # replacement attempts for an unreadable image (on_bad_image: skip)
@@ -102,7 +102,7 @@ GEOMETRIES = {
     "rrc": lambda w, h, rng, scale, ratio, crop, flip: crop_box_rrc(w, h, scale, ratio, crop,
                                                                     flip, rng),
     "center": lambda w, h, rng, resize, crop: crop_box_center(w, h, resize, crop),
-    "ten_crop": lambda w, h, rng, resize, crop: crop_box_full(w, h, resize),
+    "ten_crop": lambda w, h, rng, resize, crop: crop_box_resized(w, h, resize),
     "full": lambda w, h, rng, side: crop_box_full(w, h, side),
 }
 
@@ -137,7 +137,8 @@ class BatchDecoder(Dataset):
             try:
                 arr = load_crop(path, functools.partial(self._choose, rng=rng))
             except Exception as e:  # noqa: BLE001 - any failure to decode is bad data
-                bad.append((path, f"{type(e).__name__}: {e}"))
+                if attempt == 0:  # one report a sample; a bad replacement is just redrawn
+                    bad.append((path, f"{type(e).__name__}: {e}"))
                 if self.on_bad == "error":
                     return None
                 j = random.Random(mix_seed(self.seed, epoch, i, attempt, 7)).randrange(len(self.paths))
@@ -228,7 +229,9 @@ class FolderLoader(Loader):
         for x, y, bad in self._dl:
             if bad:
                 self._bad_count += len(bad)
-                self._bad_paths.extend(p for p, _ in bad[:REPORT_PATHS - len(self._bad_paths)])
+                for p, _ in bad:
+                    if len(self._bad_paths) < REPORT_PATHS and p not in self._bad_paths:
+                        self._bad_paths.append(p)
             if x is None:
                 path, reason = bad[-1]
                 raise DataError(f"{path}: unreadable image ({reason}); "

@@ -265,8 +265,17 @@ def crop_box_center(w: int, h: int, resize: int, crop: int):
     return _box(w, h, rw, rh, left, top, cw, ch), (cw, ch), False
 
 
+def crop_box_resized(w: int, h: int, side: int):
+    """The whole image with its short side resized to ``side`` (10-crop's input)."""
+    rw, rh = _resized(w, h, side)
+    return (0.0, 0.0, float(w), float(h)), (rw, rh), False
+
+
 def crop_box_full(w: int, h: int, side: int):
-    """The whole image with its short side resized to ``side``."""
+    """The whole image with its short side reduced to ``side``; never enlarged here (each
+    test scale is then resized on the device from the best pixels: one resampling)."""
+    if min(w, h) <= side:
+        return (0.0, 0.0, float(w), float(h)), (w, h), False
     rw, rh = _resized(w, h, side)
     return (0.0, 0.0, float(w), float(h)), (rw, rh), False
 

@@ -1,0 +1,182 @@
+"""Training and evaluating on an image folder: bad-image reports, the test-time protocols."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image
+
+from resnet_train.cli import eval as eval_cli
+from resnet_train.cli import train as train_cli
+from resnet_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_short
+from resnet_train.engine import view_scorer
+from resnet_train.models import build_model
+
+W, H = 44, 34
+CLASSES = ("circle", "hstripes", "vstripes")
+
+
+def picture(cls: int, seed: int) -> Image.Image:
+    """A class-dependent pattern with noise: views of one image really differ."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    if cls == 0:
+        base = ((xx - W / 2) ** 2 + (yy - H / 2) ** 2 < 120).astype(np.float32)
+    elif cls == 1:
+        base = (np.sin(yy * 0.9) > 0).astype(np.float32)
+    else:
+        base = (np.sin(xx * 0.9) > 0).astype(np.float32)
+    ramp = xx / W  # left-right asymmetry: a flip changes the pixels
+    rgb = np.stack([base * 200 + 40 * ramp, base * 120 + 60 * (1 - ramp), 80 * ramp], -1)
+    rgb += rng.normal(0, 20, rgb.shape)
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folder")
+    seed = 0
+    for split, n in (("train", 16), ("val", 3)):
+        for c, name in enumerate(CLASSES):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                picture(c, seed).save(d / f"{i:03d}.jpg", quality=95)
+                seed += 1
+    (root / "train" / "circle" / "broken.jpg").write_bytes(b"\xff\xd8\xff" + os.urandom(300))
+    (root / "val" / "hstripes" / "notes.png").write_text("not an image")
+    return str(root)
+
+
+def folder_args(root, run_dir, *extra):
+    return ["data.dataset=folder", f"data.root={root}", "data.workers=0", "data.batch_size=10",
+            "data.train.scale=[34,44]", "data.train.crop=32", "data.val.resize=34",
+            "data.val.crop=32", "data.train.pca_lighting=0.0",
+            "model.arch=resnet20", "model.width=4", "train.epochs=2", "train.amp=none",
+            "train.channels_last=false", "optim.lr=0.05", "schedule.name=multistep",
+            "schedule.milestones=[1]", "run.progress=lines", "run.seed=5",
+            f"run.dir={run_dir}", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(data_root, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("run"))
+    assert train_cli.main(folder_args(data_root, run_dir)) == 0
+    return run_dir
+
+
+def test_bad_images_are_counted_per_epoch_and_reported(trained, capsys):
+    with open(os.path.join(trained, "metrics.jsonl")) as fh:
+        recs = [json.loads(line) for line in fh if line.strip()]
+    assert [r["epoch"] for r in recs] == [0, 1]
+    # 49 train files, batch 10: 40 used per epoch, so the broken file shows up some epochs.
+    assert all(r["bad_images"] in (0, 1) for r in recs)
+    assert [r["val_bad_images"] for r in recs] == [1, 1]  # val reads every file every epoch
+    assert [r["val_n"] for r in recs] == [10, 10]  # the bad one is replaced, not dropped
+
+
+def test_bad_image_warning_names_the_file(data_root, tmp_path, capsys):
+    assert train_cli.main(folder_args(data_root, str(tmp_path / "r"), "train.epochs=1")) == 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "unreadable val images" in text and "notes.png" in text
+
+
+def _model_and_prep(trained):
+    ckpt = torch.load(os.path.join(trained, "checkpoints", "last.pt"), weights_only=True)
+    model = build_model("resnet20", 3, width=4)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    return model, norm
+
+
+def _val_images(root):
+    for label, name in enumerate(CLASSES):
+        d = os.path.join(root, "val", name)
+        for f in sorted(os.listdir(d)):
+            if f.endswith(".jpg"):
+                yield Image.open(os.path.join(d, f)).convert("RGB"), label
+
+
+def _reference(trained, root, views_of) -> dict:
+    """Loss and top-1 of the mean softmax over torchvision-made views, image by image."""
+    model, norm = _model_and_prep(trained)
+    loss, hits, n = 0.0, 0, 0
+    with torch.no_grad():
+        for img, label in _val_images(root):
+            probs = torch.stack([F.softmax(model(norm(v).unsqueeze(0)), 1)[0]
+                                 for v in views_of(img)]).mean(0)
+            loss -= probs[label].log().item()
+            hits += int(probs.argmax().item() == label)
+            n += 1
+    return {"loss": loss / n, "top1": hits / n, "n": n}
+
+
+def _eval(trained, root, *extra):
+    return eval_cli.evaluate_checkpoint(
+        os.path.join(trained, "checkpoints", "last.pt"), None,
+        [f"data.root={root}", "data.on_bad_image=error", *extra])
+
+
+@pytest.fixture
+def clean_root(data_root, tmp_path):
+    """The same val images without the unreadable file (the reference can't skip it)."""
+    import shutil
+    root = tmp_path / "clean"
+    shutil.copytree(data_root, root)
+    os.remove(root / "val" / "hstripes" / "notes.png")
+    os.remove(root / "train" / "circle" / "broken.jpg")
+    return str(root)
+
+
+def test_ten_crop_eval_matches_torchvision_ten_crop(trained, clean_root):
+    got = _eval(trained, clean_root, "data.val.protocol=ten_crop")
+    tv = T.Compose([T.Resize(34), T.TenCrop(32)])
+    ref = _reference(trained, clean_root, lambda img: [T.functional.to_tensor(v) for v in tv(img)])
+    assert got["protocol"] == "ten_crop" and got["n"] == ref["n"] == 9
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-4)  # decoding and views agree
+    assert got["top1"] == ref["top1"]
+    centre = _eval(trained, clean_root)
+    assert centre["protocol"] == "center" and centre["n"] == 9
+    assert abs(centre["loss"] - got["loss"]) > 1e-4  # the views really were averaged
+
+
+def test_multiscale_eval_matches_full_image_reference(trained, clean_root):
+    got = _eval(trained, clean_root, "data.val.protocol=multiscale", "data.val.scales=[32,40]",
+                "data.val.flip=true")
+
+    def views(img):
+        out = []
+        for s in (32, 40):
+            v = T.functional.to_tensor(T.functional.resize(img, s, antialias=True))
+            out += [v, v.flip(-1)]
+        return out
+    ref = _reference(trained, clean_root, views)
+    assert got["n"] == 9 and got["protocol"] == "multiscale"
+    # one bilinear antialiased resampling on the device vs PIL's: close, not bitwise
+    assert got["loss"] == pytest.approx(ref["loss"], rel=2e-3)
+
+
+def test_view_scorer_averages_softmax_over_views():
+    torch.manual_seed(0)
+    model = build_model("resnet20", 5, width=4).eval()
+    x = torch.randn(3, 10, 3, 16, 16)
+    with torch.no_grad():
+        got = view_scorer("ten_crop", 16)(model, x, False)
+        ref = torch.stack([F.softmax(model(x[:, k]), 1) for k in range(10)]).mean(0).log()
+        assert torch.allclose(got, ref, atol=1e-5)
+        one = torch.randn(1, 3, 20, 26)
+        got = view_scorer("multiscale", 16, (16, 24), True)(model, one, False)
+        views = [resize_short(one, 16), resize_short(one, 24)]
+        views = [v for y in views for v in (y, y.flip(-1))]
+        assert [v.shape[-2:] for v in views[::2]] == [(16, 20), (24, 31)]
+        ref = torch.stack([F.softmax(model(v), 1) for v in views]).mean(0).log()
+        assert torch.allclose(got, ref, atol=1e-5)
+    assert view_scorer("center", 16) is None
