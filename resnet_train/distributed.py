@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -46,6 +48,18 @@ def _env_from_slurm() -> None:
         os.environ["MASTER_ADDR"] = first or "127.0.0.1"
 
 
+RESTART_HINT = ("torchrun restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's "
+                "environment: with the rendezvous store shared with the workers (the default) "
+                "a restarted group reads the dead workers' addresses and cannot connect "
+                "(pytorch/pytorch#135712)")
+
+
+def restart_store_problem() -> bool:
+    """Whether this torchrun may restart workers that will then fail to form a group."""
+    return (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0)
+
+
 def init(device_kind: str) -> DistInfo:
     """Join the process group when launched by torchrun (or srun); a no-op otherwise."""
     _env_from_slurm()
@@ -56,6 +70,12 @@ def init(device_kind: str) -> DistInfo:
     backend = "nccl" if device_kind == "cuda" else "gloo"
     if device_kind == "cuda":
         torch.cuda.set_device(local_rank)
+    if restart_store_problem():
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+            # Measured with torch 2.14: the group either fails to connect or waits forever.
+            raise UserError(f"not restarting: {RESTART_HINT}")
+        if rank == 0:
+            print(f"warning: {RESTART_HINT}", flush=True)
     if not dist.is_initialized():
         # A bounded timeout: a dead peer turns a collective into an error, never a hang.
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))

@@ -155,3 +155,87 @@ def test_signal_on_one_rank_stops_all_ranks_after_saving(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     final = torch.load(os.path.join(run_dir, "checkpoints", "last.pt"), weights_only=True)
     assert (final["epoch"], final["global_step"]) == (2, 16)
+
+
+def _start_torchrun(args, *launcher, env=None):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         *launcher, "-m", "resnet_train.cli.train", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _read_until(proc, text, lines):
+    while True:
+        line = proc.stdout.readline()
+        assert line, "".join(lines) + proc.stderr.read()[-2000:]
+        lines.append(line)
+        if text in line:
+            return
+
+
+NO_SHARED_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+@pytest.mark.parametrize("restarts,env", [(0, {}), (1, NO_SHARED_STORE), (1, {})],
+                         ids=["no-restart", "restart", "restart-shared-store"])
+def test_a_dead_rank_never_hangs_the_others(tmp_path, restarts, env):
+    """kill -9 of rank 1: without restarts torchrun stops rank 0 and exits non-zero promptly;
+    with --max-restarts 1 the new workers resume from last.pt and finish the run, or, with
+    torchrun's default shared store (which can't re-form a group), say what to set."""
+    import signal as sig
+    import time
+    run_dir = str(tmp_path / "dies")
+    args = tiny(run_dir, "train.epochs=2", "run.log_every=1", "checkpoint.every_steps=2")
+    proc = _start_torchrun(args, f"--max-restarts={restarts}", "--monitor-interval=0.5", env=env)
+    lines: list[str] = []
+    _read_until(proc, "epoch 0 step 5/8", lines)
+    pid = _worker_pid(1, run_dir)
+    assert pid is not None
+    os.kill(pid, sig.SIGKILL)
+    t0 = time.time()
+    out, err = proc.communicate(timeout=180)
+    elapsed = time.time() - t0
+    out = "".join(lines) + out
+    ckpt = torch.load(os.path.join(run_dir, "checkpoints", "last.pt"), weights_only=True)
+    if restarts and env:
+        assert proc.returncode == 0, out[-2000:] + err[-3000:]
+        assert "resuming from" in out and out.count("done: best val top-1") == 1
+        assert (ckpt["epoch"], ckpt["global_step"]) == (2, 16)
+        with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+            assert [json.loads(line)["epoch"] for line in fh] == [0, 1]
+        return
+    assert proc.returncode != 0
+    assert elapsed < 90, elapsed  # torchrun's agent tore the group down; nobody waited
+    # every_steps=2: the last completed save before the kill is still there and loadable
+    assert ckpt["epoch"] == 0 and ckpt["step_in_epoch"] in (4, 6)
+    if restarts:
+        assert "warning: torchrun restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in out
+        assert "resnet-train: error: not restarting: torchrun restarts need TORCH_DISABLE_SH" \
+            in err, err[-3000:]
+
+
+def test_sigterm_to_torchrun_saves_and_is_not_restarted(tmp_path):
+    """What scripts/slurm_train.sbatch does on SLURM's warning: SIGTERM to the agent. It
+    passes SIGTERM to the workers, which agree, save and exit; no restart although allowed."""
+    import signal as sig
+    import time
+    run_dir = str(tmp_path / "term")
+    args = tiny(run_dir, "train.epochs=2", "run.log_every=1", "checkpoint.signal_check_every=2")
+    proc = _start_torchrun(args, "--max-restarts=2", env=NO_SHARED_STORE)
+    lines: list[str] = []
+    _read_until(proc, "epoch 0 step 3/8", lines)
+    t0 = time.time()
+    proc.send_signal(sig.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert time.time() - t0 < 30
+    out = "".join(lines) + out
+    assert proc.returncode != 0
+    assert "received SIGTERM: saved" in out and "resuming from" not in out, out + err[-2000:]
+    ckpt = torch.load(os.path.join(run_dir, "checkpoints", "last.pt"), weights_only=True)
+    assert ckpt["epoch"] == 0 and ckpt["step_in_epoch"] in (4, 6)
+    r = torchrun(2, "train", *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    final = torch.load(os.path.join(run_dir, "checkpoints", "last.pt"), weights_only=True)
+    assert (final["epoch"], final["global_step"]) == (2, 16)
