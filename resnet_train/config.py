@@ -155,7 +155,7 @@ class TrainConfig:
     epochs: int = opt(160, "training epochs", min=1)
     iterations: Optional[int] = opt(None, "training length in iterations (overrides epochs)", min=1)
     amp: Literal["auto", "none", "bf16", "fp16"] = opt("auto", "mixed precision")
-    channels_last: Literal["auto", "true", "false"] = opt("auto", "NHWC memory format")
+    channels_last: Literal["auto", "true", "false"] = opt("auto", "NHWC memory format; auto = on CPU, and on CUDA with amp")
     compile: bool = opt(False, "torch.compile the model")
     label_smoothing: float = opt(0.0, "label smoothing", min=0, max=1, max_open=True)
     accum_steps: int = opt(1, "gradient accumulation micro-steps per optimizer step", min=1)

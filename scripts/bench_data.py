@@ -224,6 +224,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of the main process (device-side prep on a CPU)")
+    p.add_argument("--cifar-threads", type=int, default=os.cpu_count(),
+                   help="CIFAR: torch threads of ours (default: every core, as in training; "
+                        "torchvision gets 2 worker processes)")
     p.add_argument("--skip-folder", action="store_true")
     p.add_argument("--skip-cifar", action="store_true")
     args = p.parse_args(argv)
@@ -254,6 +257,8 @@ def main(argv=None) -> int:
             root = os.path.join(base_dir, f"cifar_{args.cifar_images}")
             if not os.path.isdir(os.path.join(root, "cifar-10-batches-py")):
                 make_cifar(root, args.cifar_images)
+            torch.set_num_threads(args.cifar_threads)
+            print(f"CIFAR: {args.cifar_threads} torch thread(s) for ours", flush=True)
             mine, _ = ours({"dataset": "cifar10", "root": root, "batch_size": args.cifar_batch,
                             "train": {"aug": "cifar"}}, device)
             race(f"cifar10 (pad-crop-flip, torchvision 2 workers, batch {args.cifar_batch})",

@@ -36,7 +36,9 @@ def test_amp_and_layout_resolution():
     cpu = torch.device("cpu")
     assert resolve_amp("none", cpu) is None
     assert resolve_amp("bf16", cpu) is torch.bfloat16
-    assert resolve_channels_last("auto", cpu, None) is False
+    assert resolve_channels_last("auto", cpu, None) is True
+    assert resolve_channels_last("auto", torch.device("cuda"), None) is False
+    assert resolve_channels_last("auto", torch.device("cuda"), torch.bfloat16) is True
     assert resolve_channels_last("auto", cpu, torch.bfloat16) is True
     assert resolve_channels_last("false", cpu, torch.bfloat16) is False
     from resnet_train.errors import ConfigError
