@@ -368,7 +368,10 @@ class Trainer:
                                               f"{val['top1']:.4f} top5 {val['top5']:.4f}")
             say(f"epoch {epoch}: train loss {train['loss']:.4f} top1 {train['top1']:.4f}"
                 f"{val_txt} | lr {lr:.4g} | {perf['images_per_sec']:.0f} img/s, "
-                f"{timer.wall:.1f}s")
+                f"{1e3 * perf['step_seconds']:.0f} ms/step, data wait "
+                f"{100 * perf['data_wait_frac']:.0f}%"
+                + (f", peak {perf['peak_mem_gb']:.1f} GiB" if "peak_mem_gb" in perf else "")
+                + f", {timer.wall:.1f}s")
         names = ["last.pt"]
         if improved:
             names.append("best.pt")
