@@ -121,3 +121,27 @@ def test_compile_trains_like_eager_and_saves_bare_names(tmp_path, monkeypatch):
     # and a compiled run resumes from its own checkpoint
     assert train_cli.main(tiny(compiled, *args, "train.compile=true", "train.epochs=2")) == 0
     assert last(compiled)["epoch"] == 2
+
+
+def test_fp16_grad_scaler_state_is_checkpointed_and_restored(tmp_path, monkeypatch):
+    """The fp16 path (GradScaler) on CPU: resolve_amp refuses fp16 without CUDA, so force it;
+    CPU autocast runs float16 and torch.amp.GradScaler('cpu') does the scaling."""
+    import resnet_train.trainer as trainer_mod
+    monkeypatch.setattr(trainer_mod, "resolve_amp", lambda mode, device: torch.float16)
+    run_dir = str(tmp_path / "fp16")
+    assert train_cli.main(tiny(run_dir, "train.epochs=1")) == 0
+    first = last(run_dir)["scaler"]
+    assert first is not None and first["scale"] > 0 and first["_growth_tracker"] == 8
+    seen = {}
+    real_load = torch.amp.GradScaler.load_state_dict
+
+    def load(self, state):
+        seen.update(state)
+        return real_load(self, state)
+    monkeypatch.setattr(torch.amp.GradScaler, "load_state_dict", load)
+    assert train_cli.main(tiny(run_dir, "train.epochs=2")) == 0
+    assert seen["scale"] == first["scale"] and seen["_growth_tracker"] == 8
+    after = last(run_dir)["scaler"]
+    assert after["_growth_tracker"] == 16  # continued counting from the restored state
+    assert all(torch.isfinite(v).all() for v in last(run_dir)["model"].values()
+               if v.is_floating_point())
