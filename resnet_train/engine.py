@@ -37,6 +37,7 @@ class Stepper:
     label_smoothing: float
     max_bad_steps: int
     dist: dist_utils.DistInfo
+    probe: torch.Tensor | None = None   # a head parameter: its all-reduced grad decides for all ranks
     watch_train_error: bool = False     # the ResNet-110 warm-up needs the running train error
     bad_steps: int = 0                  # consecutive non-finite steps (checkpointed)
     global_step: int = 0                # optimizer steps taken since the start of training
@@ -159,13 +160,20 @@ def _optimizer_step(s: Stepper, x: torch.Tensor, y: torch.Tensor, meter: Meter) 
         meter.add(loss.detach() * ys.shape[0], logits.detach(), ys)
 
     if s.scaler is not None:
-        # The scaler skips the step itself on inf/nan gradients and lowers its scale.
+        # The scaler skips the step itself on inf/nan gradients (found from the all-reduced
+        # gradients, so alike on every rank) and lowers its scale.
         s.scaler.step(s.optimizer)
         s.scaler.update()
         finite = bool(torch.isfinite(loss_sum))
     else:
-        # One host read per step: a non-finite step must never reach the weights.
-        finite = bool(torch.isfinite(loss_sum))
+        # One host read per step: a non-finite step must never reach the weights. Under DDP
+        # a NaN loss on one rank poisons the averaged gradients of all; the all-reduced grad
+        # of a head parameter is the same everywhere, so every rank skips (or steps) alike.
+        check = loss_sum
+        if s.probe is not None and s.probe.grad is not None:
+            head = s.probe.grad.sum()  # also catches a finite loss with non-finite gradients
+            check = head if s.dist.enabled else check + head
+        finite = bool(torch.isfinite(check))
         if finite:
             s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)

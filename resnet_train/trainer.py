@@ -18,7 +18,7 @@ from . import distributed as dist_utils
 from .config import Config, dump, to_dict
 from .engine import (Meter, NonFiniteLoss, Stepper, Timer, evaluate, train_one_epoch,
                      view_scorer)
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .logging import Progress, RunLogger, say
 
 PREEMPTED_EXIT = 3  # stopped by a signal after saving last.pt; the same command resumes
@@ -154,8 +154,6 @@ class Trainer:
         if info.is_main:
             os.makedirs(self.ckpt_dir, exist_ok=True)
             ckpt_io.remove_stale_temps(self.ckpt_dir)
-            with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as fh:
-                fh.write(dump(cfg))
 
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
@@ -183,10 +181,16 @@ class Trainer:
         if ckpt is not None:
             ckpt_io.check_fits(self.model, ckpt["model"], resume_path)
             self.model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            schedule.load_state_dict(ckpt["schedule"])
-            if scaler is not None and ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
+            try:
+                optimizer.load_state_dict(ckpt["optimizer"])
+                schedule.load_state_dict(ckpt["schedule"])
+                if scaler is not None and ckpt.get("scaler"):
+                    scaler.load_state_dict(ckpt["scaler"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(
+                    f"{resume_path}: its optimizer/schedule state does not fit this config "
+                    f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}); "
+                    f"optim.* or schedule.* differ from the run that wrote it") from None
             ckpt_io.set_rng_state(ckpt["rng"])
             pos = Position(ckpt["epoch"], ckpt["step_in_epoch"], ckpt["best_top1"],
                            ckpt["best_epoch"])
@@ -196,6 +200,9 @@ class Trainer:
                 say(f"resuming from {resume_path}: epoch {pos.epoch} step {pos.step} "
                     f"(global step {ckpt['global_step']})")
         del ckpt
+        if info.is_main:  # the run's config, once the checkpoint is known to fit it
+            with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as fh:
+                fh.write(dump(cfg))
 
         train_model: nn.Module = self.model
         if cfg.train.compile:
@@ -209,6 +216,7 @@ class Trainer:
             device=device, amp_dtype=self.amp, channels_last=self.channels_last,
             accum_steps=cfg.train.accum_steps, label_smoothing=cfg.train.label_smoothing,
             max_bad_steps=cfg.train.max_bad_steps, dist=info,
+            probe=list(self.model.parameters())[-1],
             watch_train_error=(cfg.schedule.low_lr_until_error is not None
                                and schedule.state_dict().get("low_lr_ended_at") is None),
             **stepper_state)
@@ -246,20 +254,40 @@ class Trainer:
     def _find_resume(self) -> tuple[str | None, dict | None]:
         """(path, checkpoint) to resume from, agreed by all ranks; (None, None) to start fresh."""
         mode = self.cfg.checkpoint.resume
-        if mode == "none":
-            return None, None
-        path = None
+        path, error = None, None
         if self.info.is_main:
-            if mode == "auto":
-                found = ckpt_io.find_resumable(os.path.join(self.cfg.run_dir, "checkpoints"),
-                                               warn=say)
-                path = found[0] if found else None
+            # The run's own progress always wins: "run the same command to resume" must hold
+            # for resume=<path> too (the path seeds a new run only), and resume=none must not
+            # overwrite a run's checkpoints.
+            ckpt_dir = os.path.join(self.cfg.run_dir, "checkpoints")
+            found = ckpt_io.find_resumable(ckpt_dir, warn=say) \
+                if os.path.isdir(ckpt_dir) else None
+            own = found[0] if found else None
+            if mode == "none":
+                if own:
+                    error = (f"checkpoint.resume: none, but {self.cfg.run_dir} already holds "
+                             f"checkpoints ({own}) that a fresh run would overwrite; choose "
+                             f"another run.dir, or resume=auto to continue that run")
+            elif mode == "auto":
+                path = own
+            elif own:
+                path = own
+                say(f"note: {self.cfg.run_dir} has its own checkpoint; continuing from it "
+                    f"rather than from checkpoint.resume={mode}")
             else:
                 path = mode
-        path = dist_utils.broadcast_object(path, self.info)
+        path, error = dist_utils.broadcast_object((path, error), self.info)
+        if error:
+            raise ConfigError(error)
         if path is None:
             return None, None
-        return path, ckpt_io.load(path)
+        ckpt = ckpt_io.load(path)
+        missing = [k for k in ("optimizer", "schedule", "epoch", "step_in_epoch",
+                               "global_step", "rng") if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"{path}: not a resnet-train training checkpoint "
+                                  f"(no {', '.join(missing)})")
+        return path, ckpt
 
     def _is_complete(self, ckpt: dict) -> bool:
         """Whether the checkpoint already covers the configured training length."""
@@ -275,10 +303,17 @@ class Trainer:
         every = cfg.checkpoint.every_steps
         for epoch in range(pos.epoch, self.epochs):
             meter, timer = Meter(self.device), Timer()
+            # The warm-up's "error since the last look" restarts with each epoch's meter.
+            s.error_mark = None
             if partial is not None and self.info.is_main:
                 meter.sums += torch.tensor(partial["sums"], dtype=torch.float64,
                                            device=self.device)
                 timer.wall, timer.images = partial["wall"], int(partial["images"])
+                timer.steps = int(partial.get("steps", 0))
+                timer.data_wait = float(partial.get("data_wait", 0.0))
+                if partial.get("error_mark") is not None:
+                    s.error_mark = torch.tensor(partial["error_mark"], dtype=torch.float64,
+                                                device=self.device)
             partial = None
             steps_this_epoch = min(self.steps_per_epoch,
                                    self.total_steps - epoch * self.steps_per_epoch)
@@ -383,13 +418,15 @@ class Trainer:
     def _log_block_norms(self, step: int) -> None:
         from .models import collect_block_norms, set_report_norms
         x, _ = next(iter(self.data.val.batches(0, 0)))
+        if x.dim() == 5:  # a ten-crop batch: its first view of each image
+            x = x[:, 0]
         x = self.data.val_prep(x.to(self.device))
         set_report_norms(self.model, True)
         with torch.inference_mode():
             self.model.eval()(x)
-        set_report_norms(self.model, False)
         ratios = {f"block_norms/{name}": fx / max(xn, 1e-12)
                   for name, (fx, xn) in collect_block_norms(self.model).items()}
+        set_report_norms(self.model, False)  # (also forgets the values: collect first)
         self.logger.scalars(ratios, step)
 
     def _preempted(self, epoch: int, step: int, pos: Position, meter, timer,
@@ -410,8 +447,13 @@ class Trainer:
         """Write the named checkpoint files (rank 0); every rank calls this at the same point."""
         partial = None
         if meter is not None:  # mid-epoch: keep the epoch's running sums, summed over ranks
-            sums = dist_utils.all_reduce_sum(meter.sums.tolist(), self.device, self.info)
-            partial = {"sums": sums, "wall": timer.wall, "images": timer.images}
+            s = self.stepper
+            mark = [0.0] * 4 if s.error_mark is None else s.error_mark.tolist()
+            summed = dist_utils.all_reduce_sum(meter.sums.tolist() + mark, self.device,
+                                               self.info)
+            partial = {"sums": summed[:4], "wall": timer.wall, "images": timer.images,
+                       "steps": timer.steps, "data_wait": timer.data_wait,
+                       "error_mark": summed[4:] if s.error_mark is not None else None}
         if not self.info.is_main:
             return
         s = self.stepper
@@ -437,9 +479,9 @@ class Trainer:
             "versions": {"resnet_train": __version__, "torch": str(torch.__version__)},
             "saved_at": time.time(),
         }
-        first = os.path.join(self.ckpt_dir, names[0])
-        ckpt_io.atomic_save(state, first)
-        for name in names[1:]:
+        # last.pt last: a crash in between leaves best/epoch files at least as new as
+        # last.pt, and resume (the most advanced loadable file) rewrites what is missing.
+        for name in sorted(names, key=lambda n: n == "last.pt"):
             ckpt_io.atomic_save(state, os.path.join(self.ckpt_dir, name))
         if any(n.startswith("epoch_") for n in names):
             ckpt_io.prune_epochs(self.ckpt_dir, self.cfg.checkpoint.keep_last)

@@ -185,3 +185,64 @@ def test_epoch_retention(tmp_path):
     names = sorted(os.path.basename(p) for p in glob.glob(f"{run_dir}/checkpoints/*.pt"))
     assert names == ["best.pt", "epoch_003.pt", "epoch_004.pt", "last.pt"]
     assert weights(run_dir, "epoch_003.pt")["epoch"] == 3
+
+
+def test_a_rerun_continues_the_run_whatever_resume_says(tmp_path, capsys):
+    """'Run the same command to resume' holds for resume=<path> (the path seeds a new run
+    only); resume=none refuses to overwrite a run's checkpoints."""
+    seed_run, run_dir = str(tmp_path / "seed"), str(tmp_path / "run")
+    assert train_cli.main(tiny(seed_run, "train.epochs=1")) == 0
+    seed = f"checkpoint.resume={seed_run}/checkpoints/last.pt"
+    assert train_cli.main(tiny(run_dir, seed, "train.epochs=2")) == 0
+    out = capsys.readouterr().out
+    assert f"resuming from {seed_run}/checkpoints/last.pt: epoch 1" in out
+    # the same command again after raising the length: continues from the run's own last.pt
+    assert train_cli.main(tiny(run_dir, seed, "train.epochs=3")) == 0
+    out = capsys.readouterr().out
+    assert "has its own checkpoint" in out and f"resuming from {run_dir}" in out
+    assert weights(run_dir)["epoch"] == 3
+    before = weights(run_dir)
+    r = cli("train", *tiny(run_dir, "checkpoint.resume=none", "train.epochs=4"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "checkpoint.resume: none" in r.stderr and run_dir in r.stderr
+    assert_bitwise_equal(weights(run_dir)["model"], before["model"])
+    assert weights(run_dir)["saved_at"] == before["saved_at"]
+
+
+def test_optimizer_mismatch_is_exit_2_and_keeps_the_run_config(tmp_path):
+    run_dir = str(tmp_path / "run")
+    assert train_cli.main(tiny(run_dir, "train.epochs=1")) == 0
+    with open(os.path.join(run_dir, "config.yaml")) as fh:
+        config_before = fh.read()
+    # one parameter group becomes two
+    r = cli("train", *tiny(run_dir, "train.epochs=2", "optim.no_decay_bn_bias=true"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    line = r.stderr.strip()
+    assert len(line.splitlines()) == 1
+    assert "last.pt: its optimizer/schedule state does not fit this config" in line
+    r = cli("train", *tiny(run_dir, "train.epochs=2", "model.width=8"))
+    assert r.returncode == 2 and "does not fit the configured model" in r.stderr
+    with open(os.path.join(run_dir, "config.yaml")) as fh:
+        assert fh.read() == config_before  # a refused command changes nothing
+
+
+def test_weights_only_file_is_not_a_training_checkpoint(tmp_path):
+    run_dir = str(tmp_path / "run")
+    assert train_cli.main(tiny(run_dir, "train.epochs=1")) == 0
+    bare = str(tmp_path / "bare.pt")
+    torch.save({"model": weights(run_dir)["model"]}, bare)
+    r = cli("train", *tiny(str(tmp_path / "new"), f"checkpoint.resume={bare}"))
+    assert r.returncode == 2 and "bare.pt: not a resnet-train training checkpoint" in r.stderr
+
+
+def test_last_pt_is_written_after_best_and_epoch_files(tmp_path, monkeypatch):
+    order = []
+    real = ckpt_io.atomic_save
+
+    def record(state, path):
+        order.append(os.path.basename(path))
+        return real(state, path)
+    monkeypatch.setattr(ckpt_io, "atomic_save", record)
+    assert train_cli.main(tiny(str(tmp_path / "r"), "train.epochs=1",
+                               "checkpoint.every_epochs=1")) == 0
+    assert order[-1] == "last.pt" and set(order) == {"best.pt", "epoch_001.pt", "last.pt"}

@@ -180,3 +180,26 @@ def test_view_scorer_averages_softmax_over_views():
         ref = torch.stack([F.softmax(model(v), 1) for v in views]).mean(0).log()
         assert torch.allclose(got, ref, atol=1e-5)
     assert view_scorer("center", 16) is None
+
+
+def test_ten_crop_validation_during_training_with_block_norms(data_root, tmp_path):
+    run_dir = str(tmp_path / "tc")
+    assert train_cli.main(folder_args(data_root, run_dir, "train.epochs=1",
+                                      "data.val.protocol=ten_crop",
+                                      "model.log_block_norms=true")) == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(os.path.join(run_dir, "tb"))
+    acc.Reload()
+    norms = [t for t in acc.Tags()["scalars"] if t.startswith("block_norms/")]
+    assert len(norms) == 9  # resnet20: 3 stages x 3 blocks
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        assert json.loads(fh.readline())["val_n"] == 10
+
+
+def test_per_pixel_mean_cache_for_many_image_sizes_is_bounded():
+    from resnet_train.data.transforms import DevicePrep
+    prep = DevicePrep(torch.rand(3, 8, 8))
+    for h in range(20, 120):
+        out = prep(torch.full((1, 3, h, 17), 100, dtype=torch.uint8))
+        assert out.shape == (1, 3, h, 17)
+    assert len(prep._resized_offsets) <= 64

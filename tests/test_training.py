@@ -145,3 +145,62 @@ def test_fp16_grad_scaler_state_is_checkpointed_and_restored(tmp_path, monkeypat
     assert after["_growth_tracker"] == 16  # continued counting from the restored state
     assert all(torch.isfinite(v).all() for v in last(run_dir)["model"].values()
                if v.is_floating_point())
+
+
+def test_low_lr_warmup_resumes_exactly_mid_epoch(tmp_path, monkeypatch):
+    """The warm-up looks at the train error of the last 5 steps; a run stopped between two
+    looks must resume with the same window (the mark is checkpointed): same switch step,
+    bitwise-same weights."""
+    from resnet_train.trainer import PREEMPTED_EXIT, StopFlag
+    args = ("data.train_samples=512", "run.deterministic=true", "optim.lr=0.2",
+            "schedule.low_lr_until_error=0.9", "train.iterations=24")
+    whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+    assert train_cli.main(tiny(whole, *args)) == 0
+    poll, fired = StopFlag.poll, []
+
+    def preempt_at_12(self, step):  # as if SIGTERM arrived during step 12
+        if step == 12 and not fired:
+            fired.append(step)
+            self.received = "SIGTERM"
+        return poll(self, step)
+    monkeypatch.setattr(StopFlag, "poll", preempt_at_12)
+    assert train_cli.main(tiny(split, *args)) == PREEMPTED_EXIT
+    mid = last(split)
+    assert (mid["epoch"], mid["step_in_epoch"]) == (0, 12)  # 16 steps an epoch
+    assert mid["partial"]["steps"] == 12 and mid["partial"]["error_mark"][3] == 10 * 32
+    assert mid["schedule"]["low_lr_ended_at"] is None
+    assert train_cli.main(tiny(split, *args)) == 0
+    a, b = last(whole), last(split)
+    assert a["schedule"]["low_lr_ended_at"] == b["schedule"]["low_lr_ended_at"] == 15
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
+def test_ddp_ranks_skip_a_poisoned_step_alike():
+    """Under DDP a NaN loss on another rank reaches this rank only through the averaged
+    gradients; the step must be skipped here too, although the local loss is finite."""
+    from resnet_train.distributed import DistInfo
+    from resnet_train.engine import Meter, Stepper, _optimizer_step
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    head = list(model.parameters())[-1]
+    # what the all-reduce would deliver when another rank's loss was NaN
+    head.register_hook(lambda g: torch.full_like(g, float("nan")))
+
+    def stepper(world):
+        return Stepper(model=model, optimizer=opt, schedule=None, scaler=None,
+                       device=torch.device("cpu"), amp_dtype=None, channels_last=False,
+                       accum_steps=1, label_smoothing=0.0, max_bad_steps=5,
+                       dist=DistInfo(0, world, 0), probe=head)
+    x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    before = [p.detach().clone() for p in model.parameters()]
+    s = stepper(2)
+    _optimizer_step(s, x, y, Meter(torch.device("cpu")))
+    assert s.bad_steps == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    # one process: a finite loss with non-finite gradients is skipped as well
+    s1 = stepper(1)
+    _optimizer_step(s1, x, y, Meter(torch.device("cpu")))
+    assert s1.bad_steps == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

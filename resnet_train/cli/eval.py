@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         r = evaluate_checkpoint(args.checkpoint, args.config, args.overrides)
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone reports
+            return 0
         print(f"loss {r['loss']:.4f}  top1 {r['top1']:.4f}  top5 {r['top5']:.4f}  n {r['n']}")
         if args.json:
             with open(args.json, "w", encoding="utf-8") as fh:

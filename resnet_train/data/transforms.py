@@ -102,6 +102,8 @@ class DevicePrep:
             return self._offset
         key = (int(hw[0]), int(hw[1]))
         if key not in self._resized_offsets:  # a per-pixel mean at another size (multiscale)
+            if len(self._resized_offsets) >= 64:  # full images come in many sizes: bound it
+                self._resized_offsets.clear()
             self._resized_offsets[key] = F.interpolate(
                 self._offset, size=key, mode="bilinear", align_corners=False, antialias=True)
         return self._resized_offsets[key]
