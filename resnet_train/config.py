@@ -165,7 +165,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    resume: str = opt("auto", "auto (newest in the run dir), none, or a checkpoint path")
+    resume: str = opt("auto", "auto: newest in the run dir; a path: seeds a run dir with no "
+                           "checkpoint of its own; none: fresh start (refused over checkpoints)")
     every_steps: int = opt(0, "also save last.pt every N steps (0 = off)", min=0)
     every_epochs: int = opt(0, "keep epoch_NNN.pt every N epochs (0 = off)", min=0)
     keep_last: int = opt(3, "epoch_NNN.pt files kept (0 = all)", min=0)
