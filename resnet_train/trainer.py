@@ -254,7 +254,7 @@ class Trainer:
     def _find_resume(self) -> tuple[str | None, dict | None]:
         """(path, checkpoint) to resume from, agreed by all ranks; (None, None) to start fresh."""
         mode = self.cfg.checkpoint.resume
-        path, error = None, None
+        path, error, ckpt = None, None, None
         if self.info.is_main:
             # The run's own progress always wins: "run the same command to resume" must hold
             # for resume=<path> too (the path seeds a new run only), and resume=none must not
@@ -268,12 +268,11 @@ class Trainer:
                     error = (f"checkpoint.resume: none, but {self.cfg.run_dir} already holds "
                              f"checkpoints ({own}) that a fresh run would overwrite; choose "
                              f"another run.dir, or resume=auto to continue that run")
-            elif mode == "auto":
-                path = own
-            elif own:
-                path = own
-                say(f"note: {self.cfg.run_dir} has its own checkpoint; continuing from it "
-                    f"rather than from checkpoint.resume={mode}")
+            elif mode == "auto" or own:
+                if mode != "auto":
+                    say(f"note: {self.cfg.run_dir} has its own checkpoint; continuing from it "
+                        f"rather than from checkpoint.resume={mode}")
+                path, ckpt = found or (None, None)
             else:
                 path = mode
         path, error = dist_utils.broadcast_object((path, error), self.info)
@@ -281,7 +280,8 @@ class Trainer:
             raise ConfigError(error)
         if path is None:
             return None, None
-        ckpt = ckpt_io.load(path)
+        if ckpt is None:  # rank 0 already holds what find_resumable loaded
+            ckpt = ckpt_io.load(path)
         missing = [k for k in ("optimizer", "schedule", "epoch", "step_in_epoch",
                                "global_step", "rng") if k not in ckpt]
         if missing:
@@ -445,9 +445,9 @@ class Trainer:
     def _save(self, pos: Position, meter: Meter | None, timer: Timer | None, names: tuple,
               metrics: dict | None = None) -> None:
         """Write the named checkpoint files (rank 0); every rank calls this at the same point."""
+        s = self.stepper
         partial = None
         if meter is not None:  # mid-epoch: keep the epoch's running sums, summed over ranks
-            s = self.stepper
             mark = [0.0] * 4 if s.error_mark is None else s.error_mark.tolist()
             summed = dist_utils.all_reduce_sum(meter.sums.tolist() + mark, self.device,
                                                self.info)
@@ -456,7 +456,6 @@ class Trainer:
                        "error_mark": summed[4:] if s.error_mark is not None else None}
         if not self.info.is_main:
             return
-        s = self.stepper
         model_state = ckpt_io.unwrap(self.model).state_dict()
         if not all(bool(torch.isfinite(v).all()) for v in model_state.values()
                    if v.is_floating_point()):

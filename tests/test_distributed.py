@@ -128,18 +128,9 @@ def test_signal_on_one_rank_stops_all_ranks_after_saving(tmp_path):
     import time
     run_dir = str(tmp_path / "preempt")
     args = tiny(run_dir, "train.epochs=2", "run.log_every=1", "checkpoint.signal_check_every=2")
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "resnet_train.cli.train", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    lines = []
-    while True:
-        line = proc.stdout.readline()
-        assert line, "".join(lines) + proc.stderr.read()[-2000:]
-        lines.append(line)
-        if "epoch 0 step 2/8" in line:
-            break
+    proc = _start_torchrun(args)
+    lines: list[str] = []
+    _read_until(proc, "epoch 0 step 2/8", lines)
     pid = _worker_pid(1, run_dir)
     assert pid is not None
     os.kill(pid, sig.SIGUSR1)  # SLURM's warning signal, to rank 1 only
