@@ -185,28 +185,36 @@ def _cpu_seconds(pids) -> float:
 def race(name: str, base, mine, epochs: int, rounds: int) -> float:
     """Warm both up, then alternate timed epochs. Prints wall-clock img/s and img/s per CPU
     core (images / CPU-seconds of the main process and the workers), returns the per-core
-    ratio. Per core is the steadier number on a shared machine."""
+    ratio. Per core is the steadier number on a shared machine; the CPU milliseconds per
+    image are split into main process and workers, user + system time."""
     base(10_000), mine(10_000)
     keys = ("torchvision", "ours")
-    wall, cpu, n = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0)
+    wall = dict.fromkeys(keys, 0.0)
+    n = dict.fromkeys(keys, 0)
+    main_cpu, work_cpu = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0.0)
     e = 0
     for _ in range(rounds):
         for key, fn in zip(keys, (base, mine)):
             for _ in range(epochs):
                 pids = fn.pids()
-                c0, t0 = time.process_time() + _cpu_seconds(pids), time.perf_counter()
+                m0, w0, t0 = time.process_time(), _cpu_seconds(pids), time.perf_counter()
                 n[key] += fn(e)
                 wall[key] += time.perf_counter() - t0
-                cpu[key] += time.process_time() + _cpu_seconds(pids) - c0
+                main_cpu[key] += time.process_time() - m0
+                work_cpu[key] += _cpu_seconds(pids) - w0
                 e += 1
     rate = {k: n[k] / wall[k] for k in keys}
-    per_core = {k: n[k] / cpu[k] for k in keys}
+    per_core = {k: n[k] / (main_cpu[k] + work_cpu[k]) for k in keys}
     ratio = per_core["ours"] / per_core["torchvision"]
+    ms = {k: (1e3 * main_cpu[k] / n[k], 1e3 * work_cpu[k] / n[k]) for k in keys}
     print(f"{name}, {n['ours']} images each\n"
           f"  img/s           torchvision {rate['torchvision']:9.1f}   ours {rate['ours']:9.1f}"
           f"   ratio {rate['ours'] / rate['torchvision']:5.2f}x\n"
           f"  img/s per core  torchvision {per_core['torchvision']:9.1f}   ours "
-          f"{per_core['ours']:9.1f}   ratio {ratio:5.2f}x", flush=True)
+          f"{per_core['ours']:9.1f}   ratio {ratio:5.2f}x\n"
+          f"  CPU ms/img      torchvision {ms['torchvision'][0]:.3f} main + "
+          f"{ms['torchvision'][1]:.3f} workers   ours {ms['ours'][0]:.3f} main + "
+          f"{ms['ours'][1]:.3f} workers", flush=True)
     return ratio
 
 

@@ -66,6 +66,69 @@ def test_jpeg_fast_path_falls_back_to_pil(tmp_path, monkeypatch):
     assert diff(fast, slow) < 0.5
 
 
+JPEG_FLAVOURS = {  # Pillow save options: chroma subsampling, progressive, restart markers
+    "420": dict(quality=85), "444": dict(quality=90, subsampling=0),
+    "422": dict(quality=80, subsampling=1), "gray": dict(quality=85),
+    "progressive": dict(quality=85, progressive=True),
+    "progressive444": dict(quality=75, progressive=True, subsampling=0),
+    "restart": dict(quality=85, restart_marker_rows=1),
+}
+
+
+def _full_decode(data: bytes) -> torch.Tensor:
+    return T._jpeg_decoder()(bytearray(data))
+
+
+@pytest.mark.parametrize("flavour", sorted(JPEG_FLAVOURS))
+def test_partial_jpeg_decode_rows_are_bit_identical(tmp_path, flavour, capfd):
+    """Lowering the frame height decodes the top rows exactly as a full decode does."""
+    img = smooth_image(301, 203, 5)
+    noise = np.random.default_rng(0).integers(-40, 40, (203, 301, 3))
+    img = Image.fromarray((np.asarray(img, np.int64) + noise).clip(0, 255).astype(np.uint8))
+    if flavour == "gray":
+        img = img.convert("L")
+    img.save(tmp_path / "a.jpg", **JPEG_FLAVOURS[flavour])
+    data = (tmp_path / "a.jpg").read_bytes()
+    w, h, at, mcu = T._jpeg_sof(data)
+    assert (w, h) == (301, 203) and int.from_bytes(data[at:at + 2], "big") == 203
+    assert mcu == {"444": 8, "gray": 8, "422": 8, "progressive444": 8}.get(flavour, 16)
+    full = _full_decode(data)
+    shortened = 0
+    for y1 in (1, 7, 8, 9, 15, 16, 17, 40, 100, 150, 170, 185):
+        rows = T.decode_rows(y1, h, mcu)
+        buf = bytearray(data)
+        buf[at:at + 2] = rows.to_bytes(2, "big")
+        part = T._quietly(T._jpeg_decoder(), buf)
+        assert part.shape == (3, rows, w)
+        assert torch.equal(part[:, :y1], full[:, :y1]), (flavour, y1)
+        shortened += rows < h
+    assert shortened >= 6  # most of these really decoded fewer rows
+    assert "Corrupt JPEG" not in capfd.readouterr().err
+
+
+def test_load_crop_decodes_only_down_to_the_box(tmp_path, monkeypatch, capfd):
+    smooth_image(500, 375, 6).save(tmp_path / "a.jpg", quality=90)
+    path = str(tmp_path / "a.jpg")
+    heights = []
+    real = T._jpeg_decoder()
+    monkeypatch.setattr(T, "_jpeg_decoder", lambda: lambda buf: heights.append(
+        int.from_bytes(buf[T._jpeg_sof(buf)[2]:T._jpeg_sof(buf)[2] + 2], "big")) or real(buf))
+    top = lambda w, h: ((100.0, 10.0, 300.0, 130.0), (224, 224), True)  # noqa: E731
+    bottom = lambda w, h: ((100.0, 200.0, 300.0, 375.0), (224, 224), False)  # noqa: E731
+    got_top, got_bottom = T.load_crop(path, top), T.load_crop(path, bottom)
+    assert heights == [160, 375]  # 130 -> its MCU row ends at 144, + one MCU row; capped at h
+    # Same pixels as the whole-image decode.
+    monkeypatch.setattr(T, "decode_rows", lambda y1, h, mcu: h)
+    assert np.array_equal(got_top, T.load_crop(path, top))
+    assert np.array_equal(got_bottom, T.load_crop(path, bottom))
+    print("stderr still works")
+    err = capfd.readouterr().err
+    assert "Corrupt JPEG" not in err and "stderr still works" not in err  # print -> stdout
+    import sys
+    print("after", file=sys.stderr)
+    assert capfd.readouterr().err == "after\n"
+
+
 def test_center_box_matches_torchvision_resize_center_crop(tmp_path):
     img = smooth_image(333, 500, 1)  # portrait
     img.save(tmp_path / "p.png")
@@ -168,6 +231,26 @@ def test_prep_channels_last_fast_path_equals_contiguous():
         b = prep(x.contiguous(memory_format=torch.channels_last), torch.Generator().manual_seed(1))
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
         assert b.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_prep_reuse_output_writes_one_buffer_per_shape():
+    mean, std = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)
+    fresh, reuse = T.DevicePrep(mean, std, pca_alpha=0.1), T.DevicePrep(mean, std, pca_alpha=0.1,
+                                                                        reuse_output=True)
+    x1 = torch.randint(0, 256, (4, 7, 9, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # NHWC memory
+    x2 = torch.randint(0, 256, (4, 7, 9, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    a = reuse(x1, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, fresh(x1, torch.Generator().manual_seed(1)), atol=0, rtol=0)
+    assert a.is_contiguous(memory_format=torch.channels_last)
+    ptr = a.data_ptr()
+    b = reuse(x2, torch.Generator().manual_seed(2))
+    assert b.data_ptr() == ptr  # the same memory: a now holds the second batch
+    torch.testing.assert_close(b, fresh(x2, torch.Generator().manual_seed(2)), atol=0, rtol=0)
+    c = reuse(x1[:3].contiguous())  # another shape and layout: another buffer
+    assert c.data_ptr() != ptr and c.is_contiguous() and c.shape == (3, 3, 7, 9)
+    assert reuse(x2, torch.Generator().manual_seed(2)).data_ptr() == ptr  # still cached
+    d1 = fresh(x1)
+    assert fresh(x1).data_ptr() != d1.data_ptr()
 
 
 def test_pixel_mean_prep_resizes_mean_for_other_sizes():

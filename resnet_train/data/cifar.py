@@ -216,9 +216,10 @@ def build_cifar(cfg, device, rank: int, world: int, run_dir=None) -> DataBundle:
     train = CifarTrain(train_x.to(device), train_y.to(device), d.batch_size, aug, t.pad, t.flip,
                        cfg.run.seed, rank, world)
     val = TensorSplit(val_x.to(device), val_y.to(device), d.batch_size // world, rank, world)
+    reuse = torch.device(device).type == "cpu"  # the trainer is done with a batch per step
     train_prep = DevicePrep(mean, std, pca_alpha=t.pca_lighting, channels_last=False,
-                            device=device, color_jitter=t.color_jitter)
-    val_prep = DevicePrep(mean, std, channels_last=False, device=device)
+                            device=device, color_jitter=t.color_jitter, reuse_output=reuse)
+    val_prep = DevicePrep(mean, std, channels_last=False, device=device, reuse_output=reuse)
     info = {"classes": data["classes"], "train_samples": train.num_samples,
             "val_samples": val.num_samples}
     return DataBundle(train, val, k, train_prep, val_prep, info)

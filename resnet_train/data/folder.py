@@ -169,9 +169,9 @@ class BatchDecoder(Dataset):
         if fixed:
             # NCHW shape over the decoded NHWC memory (channels_last strides): no transpose
             # on the CPU; the float conversion on the device keeps this layout.
-            return nhwc.permute(0, 3, 1, 2), torch.from_numpy(labels), bad
+            return nhwc.permute(0, 3, 1, 2), labels, bad
         x = torch.from_numpy(np.stack(arrays))       # (N, H, W, C) or (N, 10, H, W, C)
-        return x.movedim(-1, -3).contiguous(), torch.from_numpy(labels), bad
+        return x.movedim(-1, -3).contiguous(), labels, bad
 
 
 def _empty_batch(shape) -> torch.Tensor:
@@ -226,6 +226,8 @@ class FolderLoader(Loader):
 
     def batches(self, epoch: int, start: int = 0):
         self._keys.keys = [(epoch, self.order(epoch, b)) for b in range(start, self.num_batches)]
+        # Labels travel pickled in the message (a numpy array): a tensor would cost a second
+        # shared-memory segment and file-descriptor hand-over per batch.
         for x, y, bad in self._dl:
             if bad:
                 self._bad_count += len(bad)
@@ -236,7 +238,7 @@ class FolderLoader(Loader):
                 path, reason = bad[-1]
                 raise DataError(f"{path}: unreadable image ({reason}); "
                                 f"set data.on_bad_image=skip to replace such images")
-            yield x, y
+            yield x, torch.from_numpy(y)
 
     def bad_report(self) -> tuple[int, list[str]]:
         out = (self._bad_count, list(self._bad_paths))
@@ -384,9 +386,10 @@ def build_folder(cfg, device, rank: int, world: int, run_dir=None) -> DataBundle
     else:
         mean = d.mean or IMAGENET_MEAN
     std = (d.std or IMAGENET_STD) if d.divide_std else None
+    reuse = torch.device(device).type == "cpu"  # the trainer is done with a batch per step
     train_prep = DevicePrep(mean, std, pca_alpha=t.pca_lighting, channels_last=False,
-                            device=device, color_jitter=t.color_jitter)
-    val_prep = DevicePrep(mean, std, channels_last=False, device=device)
+                            device=device, color_jitter=t.color_jitter, reuse_output=reuse)
+    val_prep = DevicePrep(mean, std, channels_last=False, device=device, reuse_output=reuse)
     info = {"classes": classes, "train_samples": n, "val_samples": len(val_paths),
             "val_protocol": d.val.protocol}
     return DataBundle(train, val, k, train_prep, val_prep, info)

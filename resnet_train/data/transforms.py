@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import os
 import random
 import warnings
 
@@ -65,10 +66,16 @@ class DevicePrep:
     scales brightness, contrast and saturation (in that order) by factors drawn from
     U[1-s, 1+s] per image; ``pca_alpha`` is the std of AlexNet's lighting noise. Both draw
     from ``gen`` so a step's augmentation is a pure function of its generator's seed.
+
+    ``reuse_output``: the float batch is written into the same buffer every call (one per
+    shape and layout), so a returned batch is valid until the next call. Meant for a CPU
+    device, where a fresh batch-sized allocation every step costs its page faults (on
+    CUDA the caching allocator already reuses memory).
     """
 
     def __init__(self, mean, std=None, pca_alpha: float = 0.0, channels_last: bool = False,
-                 device: torch.device | str = "cpu", color_jitter: float = 0.0):
+                 device: torch.device | str = "cpu", color_jitter: float = 0.0,
+                 reuse_output: bool = False):
         mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device)
         self.mean = mean_t.view(1, 3, 1, 1) if mean_t.dim() == 1 else mean_t.unsqueeze(0)
         self.std = None if std is None else torch.as_tensor(
@@ -84,9 +91,24 @@ class DevicePrep:
         self._scale = 1.0 / (255.0 * (self.std if self.std is not None
                                       else torch.ones(1, 3, 1, 1, device=device)))
         self._resized_offsets: dict[tuple[int, int], torch.Tensor] = {}
+        self.reuse_output = reuse_output
+        self._outputs: dict[tuple, torch.Tensor] = {}
+
+    def _float_copy(self, x: torch.Tensor) -> torch.Tensor:
+        """x as a new float32 tensor of the same layout (the in-place ops below need one)."""
+        if not self.reuse_output:
+            return x.float() if x.dtype != torch.float32 else x.clone()
+        key = (tuple(x.shape), tuple(x.stride()), x.device)
+        out = self._outputs.get(key)
+        if out is None:
+            if len(self._outputs) >= 4:  # e.g. a short last batch: keep a few shapes only
+                self._outputs.clear()
+            out = torch.empty_strided(x.shape, x.stride(), dtype=torch.float32, device=x.device)
+            self._outputs[key] = out
+        return out.copy_(x)
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        x = x.float() if x.dtype != torch.float32 else x.clone()  # in-place ops below
+        x = self._float_copy(x)  # in-place ops below
         if self.color_jitter > 0:
             x = color_jitter(x, self.color_jitter, gen)
         offset = self._offset_for(x.shape[-2:])
@@ -282,8 +304,9 @@ def crop_box_full(w: int, h: int, side: int):
     return (0.0, 0.0, float(w), float(h)), (rw, rh), False
 
 
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's SOF marker, or None if ``data`` is not a plain JPEG."""
+def _jpeg_sof(data) -> tuple[int, int, int, int] | None:
+    """(width, height, offset of the height field, rows of an MCU row) from a JPEG's SOF
+    marker, or None if ``data`` is not a plain JPEG."""
     if data[:3] != b"\xff\xd8\xff":
         return None
     i, n = 2, len(data)
@@ -295,12 +318,33 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
             i += 1
             continue
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn
-            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+            ncomp = data[i + 9] if i + 9 < n else 0
+            vmax = max([data[j] & 15 for j in range(i + 11, min(i + 10 + 3 * ncomp, n), 3)],
+                       default=0)
+            return (int.from_bytes(data[i + 7:i + 9], "big"),
+                    int.from_bytes(data[i + 5:i + 7], "big"), i + 5, 8 * max(vmax, 1))
         if 0xD0 <= marker <= 0xD9 or marker == 0x01:  # no length field
             i += 2
             continue
         i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
     return None
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's SOF marker, or None if ``data`` is not a plain JPEG."""
+    sof = _jpeg_sof(data)
+    return None if sof is None else sof[:2]
+
+
+def decode_rows(y1: int, h: int, mcu: int = 16) -> int:
+    """How many top rows of an ``h``-row JPEG to decode for output rows [0, y1) exactly.
+
+    ``mcu`` is the height of an MCU row (8 x the largest vertical sampling factor). Decoding
+    stops one whole MCU row below the one holding row y1 - 1, so chroma upsampling and
+    progressive block smoothing see the real rows below it: the rows kept are bit-identical
+    to a full decode (tested).
+    """
+    return min(h, -(-y1 // mcu) * mcu + mcu)
 
 
 def load_crop(path: str, choose) -> np.ndarray:
@@ -309,19 +353,21 @@ def load_crop(path: str, choose) -> np.ndarray:
 
     JPEGs are decoded by libjpeg-turbo (torchvision.io) and the box, rounded to whole source
     pixels, is resized by torch's antialiased bilinear kernel: PIL's filter (equal up to
-    rounding) at about a third of PIL's cost. When the box shrinks by 2x or more the JPEG is
-    instead decoded at 1/2, 1/4 or 1/8 scale in the DCT (PIL ``draft``). Other formats,
-    and JPEGs torchvision cannot read, go through PIL's ``resize(box=...)``.
+    rounding) at about a third of PIL's cost. Only the rows down to the box's bottom are
+    decoded (``decode_rows``): the frame height in the header is lowered, so libjpeg stops
+    there and skims the rest of the file for its end marker. When the box shrinks by 2x or
+    more the JPEG is instead decoded at 1/2, 1/4 or 1/8 scale in the DCT (PIL ``draft``).
+    Other formats, and JPEGs torchvision cannot read, go through PIL's ``resize(box=...)``.
     """
     with open(path, "rb") as fh:
         data = fh.read()
-    wh = jpeg_size(data)
-    if wh is not None:
-        crop = choose(*wh)  # choose once: it draws from the sample's RNG
+    sof = _jpeg_sof(data)
+    if sof is not None:
+        crop = choose(sof[0], sof[1])  # choose once: it draws from the sample's RNG
         box, size, flip = crop
         if min((box[2] - box[0]) / size[0], (box[3] - box[1]) / size[1]) < 2:
             try:
-                return _torch_crop(data, wh, box, size, flip)
+                return _torch_crop(data, sof, box, size, flip)
             except RuntimeError:
                 pass  # PIL decides: a readable exotic JPEG, or an error with its reason
         choose = lambda w, h: crop  # noqa: E731
@@ -336,24 +382,49 @@ def _jpeg_decoder():
     except ImportError:
         return None
 
-    def decode(data: bytes) -> torch.Tensor:
+    def decode(buf: bytearray) -> torch.Tensor:
         with warnings.catch_warnings():  # deprecated in favour of torchcodec from 0.29
             warnings.simplefilter("ignore", DeprecationWarning)
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                               mode=ImageReadMode.RGB)
+            return decode_jpeg(torch.frombuffer(buf, dtype=torch.uint8), mode=ImageReadMode.RGB)
     return decode
 
 
-def _torch_crop(data: bytes, wh, box, size, flip: bool) -> np.ndarray:
+@functools.lru_cache(maxsize=1)
+def _devnull() -> int:
+    return os.open(os.devnull, os.O_WRONLY)
+
+
+def _quietly(fn, *args):
+    """fn(*args) with file descriptor 2 on /dev/null: libjpeg prints a 'Corrupt JPEG data:
+    extraneous bytes' line to stderr for every shortened frame (the worker is busy with
+    this call alone, so nothing else is hidden)."""
+    saved = os.dup(2)
+    try:
+        os.dup2(_devnull(), 2)
+        return fn(*args)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _torch_crop(data: bytes, sof, box, size, flip: bool) -> np.ndarray:
     decode = _jpeg_decoder()
     if decode is None:
         raise RuntimeError("no torchvision JPEG decoder")
-    img = decode(data)  # (3, H, W) over HWC memory
-    h, w = img.shape[-2:]
-    if (w, h) != tuple(wh):
-        raise RuntimeError("header size differs from the decoded size")
+    w, h, height_at, mcu = sof
+    if w < 1 or h < 1:
+        raise RuntimeError("no frame size in the header")
     x0, y0 = min(max(int(round(box[0])), 0), w - 1), min(max(int(round(box[1])), 0), h - 1)
     x1, y1 = max(min(int(round(box[2])), w), x0 + 1), max(min(int(round(box[3])), h), y0 + 1)
+    buf = bytearray(data)
+    rows = decode_rows(y1, h, mcu)
+    if rows < h:
+        buf[height_at:height_at + 2] = rows.to_bytes(2, "big")
+        img = _quietly(decode, buf)
+    else:
+        img = decode(buf)  # (3, H, W) over HWC memory
+    if tuple(img.shape[-2:]) != (rows, w):
+        raise RuntimeError("header size differs from the decoded size")
     # (1, 3, h, w) with true channels_last strides (img[None] would give the batch dim a
     # stride of 3, and torch would take the 3x slower NCHW route and return NCHW).
     region = img.permute(1, 2, 0).unsqueeze(0).permute(0, 3, 1, 2)[:, :, y0:y1, x0:x1]
@@ -362,8 +433,8 @@ def _torch_crop(data: bytes, wh, box, size, flip: bool) -> np.ndarray:
         down = y1 - y0 > size[1] or x1 - x0 > size[0]
         region = F.interpolate(region, size=(size[1], size[0]), mode="bilinear",
                                align_corners=False, antialias=down)
-    out = region[0].permute(1, 2, 0)
-    return (out.flip(1) if flip else out).numpy()
+    out = region[0].permute(1, 2, 0).numpy()  # HWC
+    return out[:, ::-1] if flip else out  # a mirrored view: the batch copy reads it once
 
 
 def _pil_crop(fp, choose) -> np.ndarray:
