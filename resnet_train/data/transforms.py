@@ -4,9 +4,10 @@ Decision 2 of DESIGN.md: loaders hand over uint8; conversion, mean subtraction, 
 std division, colour jitter and AlexNet PCA lighting run in ``DevicePrep``, batched, on the
 training device. Decision 4: workers pick the crop window in *source* coordinates and
 resize only that box (``crop_box_*`` + ``load_crop``), which has the distribution of
-resize-then-crop at a fraction of the cost. JPEGs are decoded by libjpeg-turbo and the box
-resized by torch's antialiased bilinear kernel (PIL's filter, about 3x faster than PIL's);
-PIL ``draft`` decodes at 1/2..1/8 scale when the box shrinks by 2x or more.
+resize-then-crop at a fraction of the cost. JPEGs are decoded by libjpeg-turbo, only down
+to the box's bottom row, and the box resized by torch's antialiased bilinear kernel (PIL's
+filter, about 3x faster than PIL's); PIL ``draft`` decodes at 1/2..1/8 scale when the box
+shrinks by 2x or more.
 
 Evaluation protocols (``resnet-eval``, ``data.val.protocol``):
 
