@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import random
 
@@ -127,6 +128,21 @@ def test_load_crop_decodes_only_down_to_the_box(tmp_path, monkeypatch, capfd):
     import sys
     print("after", file=sys.stderr)
     assert capfd.readouterr().err == "after\n"
+
+
+def test_truncated_jpeg_fails_whatever_the_box(tmp_path, monkeypatch):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    (tmp_path / "t.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) * 3 // 4])
+    heights = []
+    real = T._jpeg_decoder()
+    monkeypatch.setattr(T, "_jpeg_decoder", lambda: lambda b: heights.append(
+        int.from_bytes(b[T._jpeg_sof(b)[2]:T._jpeg_sof(b)[2] + 2], "big")) or real(b))
+    for box in [(0.0, 0.0, 100.0, 40.0), (0.0, 150.0, 100.0, 200.0)]:  # top, bottom
+        with pytest.raises(OSError, match="truncated"):
+            T.load_crop(str(tmp_path / "t.jpg"), lambda w, h: (box, (50, 50), False))
+    assert heights == [200, 200]  # never shortened: no end-of-image marker
 
 
 def test_center_box_matches_torchvision_resize_center_crop(tmp_path):

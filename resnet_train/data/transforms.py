@@ -419,10 +419,13 @@ def _torch_crop(data: bytes, sof, box, size, flip: bool) -> np.ndarray:
     x1, y1 = max(min(int(round(box[2])), w), x0 + 1), max(min(int(round(box[3])), h), y0 + 1)
     buf = bytearray(data)
     rows = decode_rows(y1, h, mcu)
-    if rows < h:
+    # Only a complete file (ending in EOI) is shortened: a truncated one then fails here
+    # whatever the box, as a full decode does, instead of passing for boxes near the top.
+    if rows < h and data.rstrip(b"\0").endswith(b"\xff\xd9"):
         buf[height_at:height_at + 2] = rows.to_bytes(2, "big")
         img = _quietly(decode, buf)
     else:
+        rows = h
         img = decode(buf)  # (3, H, W) over HWC memory
     if tuple(img.shape[-2:]) != (rows, w):
         raise RuntimeError("header size differs from the decoded size")
