@@ -22,6 +22,15 @@ class NonFiniteLoss(RuntimeError):
     """Too many consecutive non-finite losses: the run stops, last good checkpoint kept."""
 
 
+def _copy_all(dst: list, src: list) -> None:
+    with torch.no_grad():
+        if hasattr(torch, "_foreach_copy_"):  # one fused launch on CUDA instead of ~160
+            torch._foreach_copy_(dst, src)
+        else:
+            for d, s_ in zip(dst, src):
+                d.copy_(s_)
+
+
 @dataclass
 class Stepper:
     """What one optimizer step needs; built once by the trainer."""
@@ -42,6 +51,20 @@ class Stepper:
     bad_steps: int = 0                  # consecutive non-finite steps (checkpointed)
     global_step: int = 0                # optimizer steps taken since the start of training
     error_mark: torch.Tensor | None = None  # meter sums at the last train-error check
+    # BatchNorm running statistics: a non-finite forward pass writes NaN/inf into them, so a
+    # skipped step puts back their values from before it.
+    buffers: list = field(default_factory=list)
+    _snapshot: list = field(default_factory=list)
+
+    def save_buffers(self) -> None:
+        if not self._snapshot:
+            self._snapshot = [b.detach().clone() for b in self.buffers]
+        else:
+            _copy_all(self._snapshot, self.buffers)
+
+    def restore_buffers(self) -> None:
+        if self._snapshot:
+            _copy_all(self.buffers, self._snapshot)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -82,6 +105,7 @@ class Timer:
     data_wait: float = 0.0
     steps: int = 0
     images: int = 0
+    skipped: int = 0        # steps not taken: non-finite loss or gradients
     extra: dict = field(default_factory=dict)
 
 
@@ -116,7 +140,8 @@ def train_one_epoch(s: Stepper, loader, prep, epoch: int, start: int, until: int
             x = x.contiguous(memory_format=torch.channels_last)
 
         lr = s.schedule.apply(s.global_step)
-        _optimizer_step(s, x, y, meter)
+        if not _optimizer_step(s, x, y, meter):
+            timer.skipped += 1
         s.global_step += 1
         step += 1
         timer.steps += 1
@@ -137,10 +162,16 @@ def train_one_epoch(s: Stepper, loader, prep, epoch: int, start: int, until: int
     return step
 
 
-def _optimizer_step(s: Stepper, x: torch.Tensor, y: torch.Tensor, meter: Meter) -> None:
-    """Forward/backward over accum_steps micro-batches, then one (guarded) optimizer step."""
+def _optimizer_step(s: Stepper, x: torch.Tensor, y: torch.Tensor, meter: Meter) -> bool:
+    """Forward/backward over accum_steps micro-batches, then one (guarded) optimizer step.
+
+    Returns False for a step skipped as non-finite; its loss and accuracy stay out of
+    ``meter`` (one NaN would make the epoch's mean loss NaN).
+    """
     micro = x.shape[0] // s.accum_steps
     loss_sum = torch.zeros((), device=s.device)
+    step_meter = Meter(s.device)
+    s.save_buffers()
     for i in range(s.accum_steps):
         xs, ys = x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]
         last = i == s.accum_steps - 1
@@ -157,7 +188,7 @@ def _optimizer_step(s: Stepper, x: torch.Tensor, y: torch.Tensor, meter: Meter) 
             else:
                 scaled.backward()
         loss_sum = loss_sum + loss.detach() * ys.shape[0]
-        meter.add(loss.detach() * ys.shape[0], logits.detach(), ys)
+        step_meter.add(loss.detach() * ys.shape[0], logits.detach(), ys)
 
     if s.scaler is not None:
         # The scaler skips the step itself on inf/nan gradients (found from the all-reduced
@@ -178,11 +209,14 @@ def _optimizer_step(s: Stepper, x: torch.Tensor, y: torch.Tensor, meter: Meter) 
             s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
     if finite:
+        meter.sums += step_meter.sums
         s.bad_steps = 0
     else:
+        s.restore_buffers()
         s.bad_steps += 1
         if s.bad_steps >= s.max_bad_steps:
             raise NonFiniteLoss(f"{s.bad_steps} consecutive non-finite losses")
+    return finite
 
 
 def _feed_train_error(s: Stepper, meter: Meter, step: int) -> None:

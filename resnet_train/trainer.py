@@ -216,7 +216,7 @@ class Trainer:
             device=device, amp_dtype=self.amp, channels_last=self.channels_last,
             accum_steps=cfg.train.accum_steps, label_smoothing=cfg.train.label_smoothing,
             max_bad_steps=cfg.train.max_bad_steps, dist=info,
-            probe=list(self.model.parameters())[-1],
+            probe=list(self.model.parameters())[-1], buffers=list(self.model.buffers()),
             watch_train_error=(cfg.schedule.low_lr_until_error is not None
                                and schedule.state_dict().get("low_lr_ended_at") is None),
             **stepper_state)
@@ -311,6 +311,7 @@ class Trainer:
                 timer.wall, timer.images = partial["wall"], int(partial["images"])
                 timer.steps = int(partial.get("steps", 0))
                 timer.data_wait = float(partial.get("data_wait", 0.0))
+                timer.skipped = int(partial.get("skipped", 0))
                 if partial.get("error_mark") is not None:
                     s.error_mark = torch.tensor(partial["error_mark"], dtype=torch.float64,
                                                 device=self.device)
@@ -347,9 +348,6 @@ class Trainer:
     def _end_epoch(self, epoch: int, pos: Position, meter: Meter, timer: Timer, next_epoch: int,
                    next_step: int) -> None:
         cfg, info = self.cfg, self.info
-        train_sums = dist_utils.all_reduce_sum(meter.sums.tolist(), self.device, info)
-        loss, c1, c5, n = train_sums
-        train = {"loss": loss / max(n, 1), "top1": c1 / max(n, 1), "top5": c5 / max(n, 1)}
         last_epoch = epoch == self.epochs - 1
         val = None
         if (epoch + 1) % cfg.train.eval_every == 0 or last_epoch:
@@ -363,9 +361,12 @@ class Trainer:
             pos.best_top1, pos.best_epoch = val["top1"], epoch
         bad_count, bad_paths = self.data.train.bad_report()
         val_bad, val_paths = self.data.val.bad_report()
-        if info.world > 1:  # each rank decodes its own shard: the counts add up
-            bad_count, val_bad = (int(v) for v in dist_utils.all_reduce_sum(
-                [bad_count, val_bad], self.device, info))
+        # One collective for the epoch's training sums and the unreadable-image counts (each
+        # rank decodes its own shard: the counts add up).
+        loss, c1, c5, n, bad_count, val_bad = dist_utils.all_reduce_sum(
+            meter.sums.tolist() + [bad_count, val_bad], self.device, info)
+        bad_count, val_bad = int(bad_count), int(val_bad)
+        train = {"loss": loss / max(n, 1), "top1": c1 / max(n, 1), "top5": c5 / max(n, 1)}
         perf = {"images_per_sec": timer.images / max(timer.wall, 1e-9),
                 "epoch_seconds": timer.wall,
                 "data_wait_frac": timer.data_wait / max(timer.wall, 1e-9),
@@ -381,7 +382,8 @@ class Trainer:
                "val_top1": None if val is None else val["top1"],
                "val_top5": None if val is None else val["top5"],
                "val_n": None if val is None else val["n"], **perf,
-               "bad_images": bad_count, "val_bad_images": val_bad}
+               "bad_images": bad_count, "val_bad_images": val_bad,
+               "skipped_steps": timer.skipped}
         if info.is_main:
             step = self.stepper.global_step
             self.logger.record(rec)
@@ -393,6 +395,9 @@ class Trainer:
                                      "val/top5": val["top5"]}, step)
             if cfg.model.log_block_norms:
                 self._log_block_norms(step)
+            if timer.skipped:  # alike on every rank (the check reads all-reduced gradients)
+                say(f"warning: epoch {epoch}: skipped {timer.skipped} optimizer steps with a "
+                    f"non-finite loss or gradients (their batches are not in the train metrics)")
             for split, count, paths in (("train", bad_count, bad_paths),
                                         ("val", val_bad, val_paths)):
                 if count:
@@ -453,6 +458,7 @@ class Trainer:
                                                self.info)
             partial = {"sums": summed[:4], "wall": timer.wall, "images": timer.images,
                        "steps": timer.steps, "data_wait": timer.data_wait,
+                       "skipped": timer.skipped,
                        "error_mark": summed[4:] if s.error_mark is not None else None}
         if not self.info.is_main:
             return

@@ -46,6 +46,33 @@ def test_amp_and_layout_resolution():
         resolve_amp("fp16", cpu)
 
 
+def test_a_skipped_non_finite_step_stays_out_of_the_train_metrics(tmp_path, capsys,
+                                                                  monkeypatch):
+    """One poisoned batch: its step is skipped, counted and reported, and the epoch's train
+    loss is the mean over the other batches (not NaN)."""
+    from resnet_train.data import transforms
+    real, calls = transforms.DevicePrep.__call__, []
+
+    def poisoned(self, x, gen=None):
+        out = real(self, x, gen)
+        if gen is not None:  # training batches only
+            calls.append(1)
+            if len(calls) == 3:
+                out = out.clone().fill_(float("nan"))
+        return out
+    monkeypatch.setattr(transforms.DevicePrep, "__call__", poisoned)
+    run_dir = str(tmp_path / "skip")
+    assert train_cli.main(tiny(run_dir, "train.epochs=1")) == 0
+    out = capsys.readouterr().out
+    rec = [r for r in metrics(run_dir) if r.get("kind") == "epoch"][0]
+    assert rec["skipped_steps"] == 1
+    assert 0 < rec["train_loss"] < 10 and 0 <= rec["train_top1"] <= 1
+    assert "skipped 1 optimizer steps with a non-finite loss" in out
+    ckpt = last(run_dir)
+    assert ckpt["global_step"] == 8 and ckpt["bad_steps"] == 0
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
 def test_non_finite_losses_stop_and_keep_the_last_good_checkpoint(tmp_path, capsys):
     run_dir = str(tmp_path / "nan")
     assert train_cli.main(tiny(run_dir, "train.epochs=1", "checkpoint.every_steps=1")) == 0
@@ -196,8 +223,10 @@ def test_ddp_ranks_skip_a_poisoned_step_alike():
     x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
     before = [p.detach().clone() for p in model.parameters()]
     s = stepper(2)
-    _optimizer_step(s, x, y, Meter(torch.device("cpu")))
+    meter = Meter(torch.device("cpu"))
+    assert _optimizer_step(s, x, y, meter) is False
     assert s.bad_steps == 1
+    assert meter.sums.tolist() == [0.0, 0.0, 0.0, 0.0]  # the skipped batch is not counted
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     # one process: a finite loss with non-finite gradients is skipped as well
     s1 = stepper(1)
