@@ -110,14 +110,17 @@ def test_partial_jpeg_decode_rows_are_bit_identical(tmp_path, flavour, capfd):
 def test_load_crop_decodes_only_down_to_the_box(tmp_path, monkeypatch, capfd):
     smooth_image(500, 375, 6).save(tmp_path / "a.jpg", quality=90)
     path = str(tmp_path / "a.jpg")
+    top = lambda w, h: ((100.0, 10.0, 300.0, 130.0), (224, 224), True)  # noqa: E731
+    in_main = T.load_crop(path, top)  # outside a loader worker: the whole frame
+    monkeypatch.setattr(T, "_in_worker", lambda: True)
     heights = []
     real = T._jpeg_decoder()
     monkeypatch.setattr(T, "_jpeg_decoder", lambda: lambda buf: heights.append(
         int.from_bytes(buf[T._jpeg_sof(buf)[2]:T._jpeg_sof(buf)[2] + 2], "big")) or real(buf))
-    top = lambda w, h: ((100.0, 10.0, 300.0, 130.0), (224, 224), True)  # noqa: E731
     bottom = lambda w, h: ((100.0, 200.0, 300.0, 375.0), (224, 224), False)  # noqa: E731
     got_top, got_bottom = T.load_crop(path, top), T.load_crop(path, bottom)
     assert heights == [160, 375]  # 130 -> its MCU row ends at 144, + one MCU row; capped at h
+    assert np.array_equal(got_top, in_main)
     # Same pixels as the whole-image decode.
     monkeypatch.setattr(T, "decode_rows", lambda y1, h, mcu: h)
     assert np.array_equal(got_top, T.load_crop(path, top))
@@ -131,6 +134,7 @@ def test_load_crop_decodes_only_down_to_the_box(tmp_path, monkeypatch, capfd):
 
 
 def test_truncated_jpeg_fails_whatever_the_box(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "_in_worker", lambda: True)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), np.uint8))
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=90)

@@ -245,6 +245,43 @@ def test_workers_give_the_same_batches_as_in_process(tree):
         b.val.close()
 
 
+def test_workers_decode_partial_jpegs_bit_identical_to_in_process(tmp_path, monkeypatch, capfd):
+    """Photo-like JPEGs big enough for the crop box to end well above the bottom: workers
+    decode shortened frames (silently), the main process whole ones; batches are equal."""
+    root = str(tmp_path / "jpegs")
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 12), ("val", 3)):
+        for i in range(n):
+            d = os.path.join(root, split, f"c{i % 3}")
+            os.makedirs(d, exist_ok=True)
+            arr = rng.integers(0, 256, (180, 240, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(os.path.join(d, f"i{i:02d}.jpg"), quality=85)
+    log = tmp_path / "heights.txt"
+    from resnet_train.data import transforms as T
+    real = T._jpeg_decoder()
+
+    def recording(buf):
+        with open(log, "a") as fh:  # appended from the worker processes
+            fh.write(f"{int.from_bytes(buf[T._jpeg_sof(buf)[2]:T._jpeg_sof(buf)[2] + 2], 'big')}\n")
+        return real(buf)
+    monkeypatch.setattr(T, "_jpeg_decoder", lambda: recording)
+    c0 = cfg(root, batch_size=6, workers=0, train={"scale": [256, 320], "crop": 96})
+    c2 = cfg(root, batch_size=6, workers=2, train={"scale": [256, 320], "crop": 96})
+    a = epoch(build(c0).train, 0)
+    assert set(log.read_text().split()) == {"180"}  # in process: whole frames
+    log.write_text("")
+    b = build(c2)
+    try:
+        got = epoch(b.train, 0)
+    finally:
+        b.train.close()
+        b.val.close()
+    heights = [int(v) for v in log.read_text().split()]
+    assert len(heights) == 12 and min(heights) < 180  # workers shortened frames
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, got))
+    assert "Corrupt JPEG" not in capfd.readouterr().err
+
+
 # --------------------------------------------------------------------------- normalisation
 
 

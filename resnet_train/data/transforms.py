@@ -354,9 +354,9 @@ def load_crop(path: str, choose) -> np.ndarray:
 
     JPEGs are decoded by libjpeg-turbo (torchvision.io) and the box, rounded to whole source
     pixels, is resized by torch's antialiased bilinear kernel: PIL's filter (equal up to
-    rounding) at about a third of PIL's cost. Only the rows down to the box's bottom are
-    decoded (``decode_rows``): the frame height in the header is lowered, so libjpeg stops
-    there and skims the rest of the file for its end marker. When the box shrinks by 2x or
+    rounding) at about a third of PIL's cost. In loader workers only the rows down to the
+    box's bottom are decoded (``decode_rows``): the frame height in the header is lowered, so
+    libjpeg stops there and skims the rest of the file for its end marker. When the box shrinks by 2x or
     more the JPEG is instead decoded at 1/2, 1/4 or 1/8 scale in the DCT (PIL ``draft``).
     Other formats, and JPEGs torchvision cannot read, go through PIL's ``resize(box=...)``.
     """
@@ -395,10 +395,14 @@ def _devnull() -> int:
     return os.open(os.devnull, os.O_WRONLY)
 
 
+def _in_worker() -> bool:
+    return torch.utils.data.get_worker_info() is not None
+
+
 def _quietly(fn, *args):
     """fn(*args) with file descriptor 2 on /dev/null: libjpeg prints a 'Corrupt JPEG data:
-    extraneous bytes' line to stderr for every shortened frame (the worker is busy with
-    this call alone, so nothing else is hidden)."""
+    extraneous bytes' line to stderr for every shortened frame (called in loader workers
+    only, which run nothing else meanwhile, so nothing else is hidden)."""
     saved = os.dup(2)
     try:
         os.dup2(_devnull(), 2)
@@ -421,7 +425,8 @@ def _torch_crop(data: bytes, sof, box, size, flip: bool) -> np.ndarray:
     rows = decode_rows(y1, h, mcu)
     # Only a complete file (ending in EOI) is shortened: a truncated one then fails here
     # whatever the box, as a full decode does, instead of passing for boxes near the top.
-    if rows < h and data.rstrip(b"\0").endswith(b"\xff\xd9"):
+    # Only in a loader worker: there nothing else writes to stderr while it is silenced.
+    if rows < h and _in_worker() and data.rstrip(b"\0").endswith(b"\xff\xd9"):
         buf[height_at:height_at + 2] = rows.to_bytes(2, "big")
         img = _quietly(decode, buf)
     else:
