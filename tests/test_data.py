@@ -72,6 +72,7 @@ JPEG_FLAVOURS = {  # Pillow save options: chroma subsampling, progressive, resta
     "422": dict(quality=80, subsampling=1), "gray": dict(quality=85),
     "progressive": dict(quality=85, progressive=True),
     "progressive444": dict(quality=75, progressive=True, subsampling=0),
+    "progressive_gray": dict(quality=85, progressive=True),
     "restart": dict(quality=85, restart_marker_rows=1),
 }
 
@@ -80,31 +81,80 @@ def _full_decode(data: bytes) -> torch.Tensor:
     return T._jpeg_decoder()(bytearray(data))
 
 
-@pytest.mark.parametrize("flavour", sorted(JPEG_FLAVOURS))
+def keep_scans(data: bytes, n: int) -> bytes:
+    """The JPEG with only its first n scans (+ EOI): a legal progressive file whose
+    coefficients are never fully refined, which libjpeg decodes with block smoothing."""
+    i, scans = 2, 0
+    while True:
+        assert data[i] == 0xFF
+        marker = data[i + 1]
+        if marker == 0xDA:  # SOS: header, then entropy-coded data up to the next marker
+            if scans == n:
+                return data[:i] + b"\xff\xd9"
+            scans += 1
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+            while not (data[i] == 0xFF and data[i + 1] not in (0x00, *range(0xD0, 0xD8))):
+                i += 1
+        elif marker == 0xD9:
+            raise ValueError(f"only {scans} scans")
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+
+
+@pytest.mark.parametrize("flavour", sorted(JPEG_FLAVOURS) + ["partly_refined_444",
+                                                            "partly_refined_420",
+                                                            "partly_refined_gray"])
 def test_partial_jpeg_decode_rows_are_bit_identical(tmp_path, flavour, capfd):
-    """Lowering the frame height decodes the top rows exactly as a full decode does."""
+    """Lowering the frame height decodes the top rows exactly as a full decode does, for
+    every crop bottom y1."""
     img = smooth_image(301, 203, 5)
     noise = np.random.default_rng(0).integers(-40, 40, (203, 301, 3))
     img = Image.fromarray((np.asarray(img, np.int64) + noise).clip(0, 255).astype(np.uint8))
-    if flavour == "gray":
+    if flavour.endswith("gray"):
         img = img.convert("L")
-    img.save(tmp_path / "a.jpg", **JPEG_FLAVOURS[flavour])
+    if flavour.startswith("partly_refined"):
+        sub = {"444": 0, "420": 2, "gray": 2}[flavour.rsplit("_", 1)[1]]
+        img.save(tmp_path / "full.jpg", "JPEG", quality=85, progressive=True, subsampling=sub)
+        (tmp_path / "a.jpg").write_bytes(keep_scans((tmp_path / "full.jpg").read_bytes(),
+                                                    2 if sub != 2 else 4))
+    else:
+        img.save(tmp_path / "a.jpg", **JPEG_FLAVOURS[flavour])
     data = (tmp_path / "a.jpg").read_bytes()
-    w, h, at, mcu = T._jpeg_sof(data)
+    w, h, at, mcu, extra = T._jpeg_sof(data)
     assert (w, h) == (301, 203) and int.from_bytes(data[at:at + 2], "big") == 203
-    assert mcu == {"444": 8, "gray": 8, "422": 8, "progressive444": 8}.get(flavour, 16)
+    progressive = "progressive" in flavour or "refined" in flavour
+    assert extra == (3 if progressive else 1)
     full = _full_decode(data)
     shortened = 0
-    for y1 in (1, 7, 8, 9, 15, 16, 17, 40, 100, 150, 170, 185):
-        rows = T.decode_rows(y1, h, mcu)
+    for y1 in range(1, h + 1):
+        rows = T.decode_rows(y1, h, mcu, extra)
         buf = bytearray(data)
         buf[at:at + 2] = rows.to_bytes(2, "big")
         part = T._quietly(T._jpeg_decoder(), buf)
         assert part.shape == (3, rows, w)
         assert torch.equal(part[:, :y1], full[:, :y1]), (flavour, y1)
         shortened += rows < h
-    assert shortened >= 6  # most of these really decoded fewer rows
+    assert shortened >= 100  # most of these really decoded fewer rows
     assert "Corrupt JPEG" not in capfd.readouterr().err
+
+
+def test_partly_refined_progressive_jpeg_needs_the_wider_margin(tmp_path):
+    """The file kind above where one MCU row below the crop is not enough (block smoothing
+    reads two block rows further down): the test would catch a too-small margin."""
+    noise = np.random.default_rng(2).integers(-40, 40, (203, 301, 3))
+    img = Image.fromarray((np.asarray(smooth_image(301, 203, 7), np.int64) + noise).clip(
+        0, 255).astype(np.uint8))
+    img.save(tmp_path / "full.jpg", "JPEG", quality=85, progressive=True, subsampling=0)
+    data = keep_scans((tmp_path / "full.jpg").read_bytes(), 2)
+    w, h, at, mcu, _ = T._jpeg_sof(data)
+    full = _full_decode(data)
+    differs = 0
+    for y1 in range(1, h - 3 * mcu):
+        rows = T.decode_rows(y1, h, mcu, 1)
+        b = bytearray(data)
+        b[at:at + 2] = rows.to_bytes(2, "big")
+        differs += not torch.equal(T._quietly(T._jpeg_decoder(), b)[:, :y1], full[:, :y1])
+    assert differs > 0
 
 
 def test_load_crop_decodes_only_down_to_the_box(tmp_path, monkeypatch, capfd):
@@ -122,7 +172,7 @@ def test_load_crop_decodes_only_down_to_the_box(tmp_path, monkeypatch, capfd):
     assert heights == [160, 375]  # 130 -> its MCU row ends at 144, + one MCU row; capped at h
     assert np.array_equal(got_top, in_main)
     # Same pixels as the whole-image decode.
-    monkeypatch.setattr(T, "decode_rows", lambda y1, h, mcu: h)
+    monkeypatch.setattr(T, "decode_rows", lambda y1, h, mcu, extra: h)
     assert np.array_equal(got_top, T.load_crop(path, top))
     assert np.array_equal(got_bottom, T.load_crop(path, bottom))
     print("stderr still works")
@@ -271,6 +321,12 @@ def test_prep_reuse_output_writes_one_buffer_per_shape():
     assert reuse(x2, torch.Generator().manual_seed(2)).data_ptr() == ptr  # still cached
     d1 = fresh(x1)
     assert fresh(x1).data_ptr() != d1.data_ptr()
+    # First made under inference mode (evaluate), then written outside it (block-norm logging).
+    val = T.DevicePrep(mean, std, reuse_output=True)
+    with torch.inference_mode():
+        inside = val(x1)
+    assert not inside.is_inference()
+    torch.testing.assert_close(val(x2), T.DevicePrep(mean, std)(x2), atol=0, rtol=0)
 
 
 def test_pixel_mean_prep_resizes_mean_for_other_sizes():

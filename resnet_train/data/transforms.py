@@ -104,7 +104,11 @@ class DevicePrep:
         if out is None:
             if len(self._outputs) >= 4:  # e.g. a short last batch: keep a few shapes only
                 self._outputs.clear()
-            out = torch.empty_strided(x.shape, x.stride(), dtype=torch.float32, device=x.device)
+            # Never an inference tensor (if first made under evaluate's inference_mode): one
+            # could not be written outside it, e.g. by the block-norm logging's prep call.
+            with torch.inference_mode(False):
+                out = torch.empty_strided(x.shape, x.stride(), dtype=torch.float32,
+                                          device=x.device)
             self._outputs[key] = out
         return out.copy_(x)
 
@@ -305,9 +309,9 @@ def crop_box_full(w: int, h: int, side: int):
     return (0.0, 0.0, float(w), float(h)), (rw, rh), False
 
 
-def _jpeg_sof(data) -> tuple[int, int, int, int] | None:
-    """(width, height, offset of the height field, rows of an MCU row) from a JPEG's SOF
-    marker, or None if ``data`` is not a plain JPEG."""
+def _jpeg_sof(data) -> tuple[int, int, int, int, int] | None:
+    """(width, height, offset of the height field, rows of an MCU row, MCU rows to decode
+    below the crop) from a JPEG's SOF marker, or None if ``data`` is not a plain JPEG."""
     if data[:3] != b"\xff\xd8\xff":
         return None
     i, n = 2, len(data)
@@ -322,8 +326,12 @@ def _jpeg_sof(data) -> tuple[int, int, int, int] | None:
             ncomp = data[i + 9] if i + 9 < n else 0
             vmax = max([data[j] & 15 for j in range(i + 11, min(i + 10 + 3 * ncomp, n), 3)],
                        default=0)
+            # Progressive: libjpeg-turbo smooths blocks whose coefficients the file never
+            # fully refines using the block rows up to two below (after chroma upsampling
+            # one more): keep three MCU rows below the crop instead of one.
+            extra = 3 if marker in (0xC2, 0xC6, 0xCA, 0xCE) else 1
             return (int.from_bytes(data[i + 7:i + 9], "big"),
-                    int.from_bytes(data[i + 5:i + 7], "big"), i + 5, 8 * max(vmax, 1))
+                    int.from_bytes(data[i + 5:i + 7], "big"), i + 5, 8 * max(vmax, 1), extra)
         if 0xD0 <= marker <= 0xD9 or marker == 0x01:  # no length field
             i += 2
             continue
@@ -337,15 +345,16 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None if sof is None else sof[:2]
 
 
-def decode_rows(y1: int, h: int, mcu: int = 16) -> int:
+def decode_rows(y1: int, h: int, mcu: int = 16, extra: int = 1) -> int:
     """How many top rows of an ``h``-row JPEG to decode for output rows [0, y1) exactly.
 
     ``mcu`` is the height of an MCU row (8 x the largest vertical sampling factor). Decoding
-    stops one whole MCU row below the one holding row y1 - 1, so chroma upsampling and
-    progressive block smoothing see the real rows below it: the rows kept are bit-identical
-    to a full decode (tested).
+    stops ``extra`` whole MCU rows below the one holding row y1 - 1 (1; 3 for progressive
+    files), so chroma upsampling and block smoothing see the real rows below it: the rows
+    kept are bit-identical to a full decode (tested for every y1 on baseline, progressive
+    and partly refined progressive files).
     """
-    return min(h, -(-y1 // mcu) * mcu + mcu)
+    return min(h, -(-y1 // mcu) * mcu + extra * mcu)
 
 
 def load_crop(path: str, choose) -> np.ndarray:
@@ -416,13 +425,13 @@ def _torch_crop(data: bytes, sof, box, size, flip: bool) -> np.ndarray:
     decode = _jpeg_decoder()
     if decode is None:
         raise RuntimeError("no torchvision JPEG decoder")
-    w, h, height_at, mcu = sof
+    w, h, height_at, mcu, extra = sof
     if w < 1 or h < 1:
         raise RuntimeError("no frame size in the header")
     x0, y0 = min(max(int(round(box[0])), 0), w - 1), min(max(int(round(box[1])), 0), h - 1)
     x1, y1 = max(min(int(round(box[2])), w), x0 + 1), max(min(int(round(box[3])), h), y0 + 1)
     buf = bytearray(data)
-    rows = decode_rows(y1, h, mcu)
+    rows = decode_rows(y1, h, mcu, extra)
     # Only a complete file (ending in EOI) is shortened: a truncated one then fails here
     # whatever the box, as a full decode does, instead of passing for boxes near the top.
     # Only in a loader worker: there nothing else writes to stderr while it is silenced.
