@@ -159,7 +159,8 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile the model")
     label_smoothing: float = opt(0.0, "label smoothing", min=0, max=1, max_open=True)
     accum_steps: int = opt(1, "gradient accumulation micro-steps per optimizer step", min=1)
-    max_bad_steps: int = opt(5, "consecutive non-finite losses before stopping", min=1)
+    max_bad_steps: int = opt(5, "consecutive skipped (non-finite) steps before stopping; fp16 "
+                                "allows 16 more while the grad scaler calibrates", min=1)
     eval_every: int = opt(1, "validate every N epochs (and always at the end)", min=1)
 
 

@@ -22,6 +22,9 @@ class NonFiniteLoss(RuntimeError):
     """Too many consecutive non-finite losses: the run stops, last good checkpoint kept."""
 
 
+SCALER_CALIBRATION = 16  # log2 of GradScaler's initial scale
+
+
 def _copy_all(dst: list, src: list) -> None:
     with torch.no_grad():
         if hasattr(torch, "_foreach_copy_"):  # one fused launch on CUDA instead of ~160
@@ -192,10 +195,12 @@ def _optimizer_step(s: Stepper, x: torch.Tensor, y: torch.Tensor, meter: Meter) 
 
     if s.scaler is not None:
         # The scaler skips the step itself on inf/nan gradients (found from the all-reduced
-        # gradients, so alike on every rank) and lowers its scale.
+        # gradients, so alike on every rank) and then lowers its scale: a lower scale is the
+        # sign, the same on every rank, unlike this rank's own loss.
+        before = s.scaler.get_scale()
         s.scaler.step(s.optimizer)
         s.scaler.update()
-        finite = bool(torch.isfinite(loss_sum))
+        finite = s.scaler.get_scale() >= before
     else:
         # One host read per step: a non-finite step must never reach the weights. Under DDP
         # a NaN loss on one rank poisons the averaged gradients of all; the all-reduced grad
@@ -214,7 +219,9 @@ def _optimizer_step(s: Stepper, x: torch.Tensor, y: torch.Tensor, meter: Meter) 
     else:
         s.restore_buffers()
         s.bad_steps += 1
-        if s.bad_steps >= s.max_bad_steps:
+        # fp16: the scaler halves its scale at each overflow, from 2^16; allow it that many
+        # skips in a row to find its level before a run of them counts as divergence.
+        if s.bad_steps >= s.max_bad_steps + (SCALER_CALIBRATION if s.scaler else 0):
             raise NonFiniteLoss(f"{s.bad_steps} consecutive non-finite losses")
     return finite
 

@@ -73,6 +73,41 @@ def test_a_skipped_non_finite_step_stays_out_of_the_train_metrics(tmp_path, caps
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+def test_fp16_scaler_skip_is_decided_by_the_scale_alike_on_every_rank():
+    """With a GradScaler the step counts as skipped when the scaler skipped it (its scale
+    fell), which follows the all-reduced gradients: a rank whose own loss is finite agrees."""
+    from resnet_train.distributed import DistInfo
+    from resnet_train.engine import SCALER_CALIBRATION, Meter, NonFiniteLoss, Stepper, \
+        _optimizer_step
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    poison = {"on": True}
+    head = list(model.parameters())[-1]
+    head.register_hook(lambda g: torch.full_like(g, float("nan")) if poison["on"] else g)
+    scaler = torch.amp.GradScaler("cpu")
+    s = Stepper(model=model, optimizer=opt, schedule=None, scaler=scaler,
+                device=torch.device("cpu"), amp_dtype=None, channels_last=False,
+                accum_steps=1, label_smoothing=0.0, max_bad_steps=2, dist=DistInfo(0, 2, 0),
+                probe=head)
+    x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    before = [p.detach().clone() for p in model.parameters()]
+    meter = Meter(torch.device("cpu"))
+    assert _optimizer_step(s, x, y, meter) is False  # finite local loss, poisoned gradients
+    assert s.bad_steps == 1 and scaler.get_scale() == 2.0 ** 15
+    assert meter.sums.tolist() == [0.0] * 4
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    for _ in range(SCALER_CALIBRATION):  # calibration room before a run of skips stops
+        assert _optimizer_step(s, x, y, meter) is False
+    with pytest.raises(NonFiniteLoss):
+        _optimizer_step(s, x, y, meter)
+    poison["on"] = False
+    s.bad_steps = 0
+    assert _optimizer_step(s, x, y, meter) is True and s.bad_steps == 0
+    assert meter.sums[3].item() == 4
+    assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
 def test_non_finite_losses_stop_and_keep_the_last_good_checkpoint(tmp_path, capsys):
     run_dir = str(tmp_path / "nan")
     assert train_cli.main(tiny(run_dir, "train.epochs=1", "checkpoint.every_steps=1")) == 0
