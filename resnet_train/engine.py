@@ -58,6 +58,7 @@ class Stepper:
     # skipped step puts back their values from before it.
     buffers: list = field(default_factory=list)
     _snapshot: list = field(default_factory=list)
+    scale: float | None = None          # the grad scaler's scale after the last step
 
     def save_buffers(self) -> None:
         if not self._snapshot:
@@ -197,10 +198,11 @@ def _optimizer_step(s: Stepper, x: torch.Tensor, y: torch.Tensor, meter: Meter) 
         # The scaler skips the step itself on inf/nan gradients (found from the all-reduced
         # gradients, so alike on every rank) and then lowers its scale: a lower scale is the
         # sign, the same on every rank, unlike this rank's own loss.
-        before = s.scaler.get_scale()
+        before = s.scale if s.scale is not None else s.scaler.get_scale()
         s.scaler.step(s.optimizer)
         s.scaler.update()
-        finite = s.scaler.get_scale() >= before
+        s.scale = s.scaler.get_scale()  # the one host read of the step
+        finite = s.scale >= before
     else:
         # One host read per step: a non-finite step must never reach the weights. Under DDP
         # a NaN loss on one rank poisons the averaged gradients of all; the all-reduced grad

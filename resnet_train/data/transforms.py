@@ -364,10 +364,11 @@ def load_crop(path: str, choose) -> np.ndarray:
     JPEGs are decoded by libjpeg-turbo (torchvision.io) and the box, rounded to whole source
     pixels, is resized by torch's antialiased bilinear kernel: PIL's filter (equal up to
     rounding) at about a third of PIL's cost. In loader workers only the rows down to the
-    box's bottom are decoded (``decode_rows``): the frame height in the header is lowered, so
-    libjpeg stops there and skims the rest of the file for its end marker. When the box shrinks by 2x or
-    more the JPEG is instead decoded at 1/2, 1/4 or 1/8 scale in the DCT (PIL ``draft``).
-    Other formats, and JPEGs torchvision cannot read, go through PIL's ``resize(box=...)``.
+    box's bottom are decoded (``decode_rows``): the frame height in the header is lowered,
+    so libjpeg stops there and skims the rest of the file for its end marker. When the box
+    shrinks by 2x or more the JPEG is instead decoded at 1/2, 1/4 or 1/8 scale in the DCT
+    (PIL ``draft``). Other formats, and JPEGs torchvision cannot read, go through PIL's
+    ``resize(box=...)``.
     """
     with open(path, "rb") as fh:
         data = fh.read()
