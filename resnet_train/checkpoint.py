@@ -1,8 +1,10 @@
 """Checkpoints are data: one file, written atomically, loaded with weights_only=True.
 
-A checkpoint holds everything needed to continue at the exact next batch: model (unwrapped),
-optimizer, schedule, grad scaler, epoch, step within the epoch, global step, best metric,
-the partial epoch's metric sums, RNG states, the resolved config and versions.
+A checkpoint is one ``TrainState``'s ``state_dict()``: everything needed to continue at the
+exact next batch (see docs/architecture.md, "The checkpoint"). Each part (model, optimizer,
+schedule, grad scaler, step guard, meters, timer) owns its piece through
+``state_dict()``/``load_state_dict()``; TrainState adds the position, the best metric, the
+RNG states, the resolved config and versions.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ import random
 import re
 import sys
 import tempfile
+import time
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointWriteError, describe_os_error
+from .rundir import current_umask
 
-FORMAT = 1
+FORMAT = 2  # 2: TrainState layout (parts by name, global position)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -59,24 +63,65 @@ def set_rng_state(state: dict) -> None:
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+def _os_failure(e: BaseException) -> OSError | RuntimeError | None:
+    """The OS-level failure behind a failed write, or None for anything else (a bug).
+
+    torch.save into a Python file reports a failed ``write`` as a RuntimeError ("unexpected
+    pos ...") raised while handling the OSError; its own C++ writer as "PytorchStreamWriter
+    failed writing file ...: file write failed".
+    """
+    if isinstance(e, OSError):
+        return e
+    if isinstance(e, RuntimeError):
+        inner, seen = e, set()
+        while inner is not None and id(inner) not in seen:
+            if isinstance(inner, OSError):
+                return inner
+            seen.add(id(inner))
+            inner = inner.__cause__ or inner.__context__
+        if "PytorchStreamWriter failed writing" in str(e) or "file write failed" in str(e):
+            return e
+    return None
+
+
 def atomic_save(obj: Any, path: str) -> None:
     """Write to a temp file in the same directory, fsync, then rename over ``path``.
 
-    A process killed at any instant leaves either the old file or the new one, whole.
+    A process killed at any instant leaves either the old file or the new one, whole. The
+    file gets the mode ``open`` would give it (0o666 less the umask), not mkstemp's 0o600.
+    An OS failure (disk full, quota, permission denied) raises CheckpointWriteError (exit 4)
+    naming ``path``; the temp file is removed and the old file at ``path`` is untouched.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
         with os.fdopen(fd, "wb") as fh:
+            try:
+                os.fchmod(fd, 0o666 & ~current_umask())
+            except OSError:
+                pass  # a filesystem without modes (FAT, some CIFS mounts) keeps its own
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        tmp = None
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        cause = _os_failure(e)
+        if cause is None:
+            raise
+        reason = (describe_os_error(cause) if isinstance(cause, OSError)
+                  else str(cause).strip().splitlines()[0][:160])
+        err = CheckpointWriteError(f"cannot write checkpoint {path}: {reason}; "
+                                   f"the earlier checkpoints are intact")
+        err.errno = getattr(cause, "errno", None)
+        raise err from e
     try:  # make the rename itself durable
         dfd = os.open(directory, os.O_RDONLY)
         try:
@@ -171,3 +216,106 @@ def find_resumable(directory: str, warn=print) -> tuple[str, dict] | None:
         if best is None or _position(ckpt) > _position(best[1]):
             best = (path, ckpt)
     return best
+
+
+# --------------------------------------------------------------------------- the training state
+
+
+class TrainState:
+    """Everything a checkpoint holds, saved and restored with one call each.
+
+    ``parts`` maps a name to an object with ``state_dict()``/``load_state_dict()`` (None for
+    an absent part, e.g. no grad scaler). The position is ``step``, the number of optimizer
+    iterations done; ``epoch_end_pending`` marks a save made after an epoch's last step but
+    before its validation finished (a signal arrived during it): the resumed run validates
+    first. Parts with rank-local device sums (meters, the warm-up window) expose
+    ``local_sums()``; before a save they are all-reduced onto rank 0, which alone writes.
+    """
+
+    def __init__(self, parts: dict[str, Any], config: dict, steps_per_epoch: int,
+                 total_steps: int, info):
+        self.parts, self.config, self.info = parts, config, info
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        self.step = 0
+        self.best_top1, self.best_epoch = -1.0, -1
+        self.epoch_end_pending = False
+        self.metrics: dict | None = None  # the last epoch's record
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    def _local_sums(self) -> list[torch.Tensor]:
+        return [t for p in self.parts.values() if hasattr(p, "local_sums")
+                for t in p.local_sums()]
+
+    def gather_sums(self) -> None:
+        """Move every rank's local sums onto rank 0 (totals unchanged; a collective)."""
+        tensors = self._local_sums()
+        if not self.info.enabled or not tensors:
+            return
+        import torch.distributed as dist
+        flat = torch.cat([t.reshape(-1).double() for t in tensors])
+        dist.all_reduce(flat)
+        if not self.info.is_main:
+            flat.zero_()
+        torch._foreach_copy_(tensors, [v.view_as(t) for v, t in
+                                       zip(flat.split([t.numel() for t in tensors]), tensors)])
+
+    def state_dict(self) -> dict:
+        """The checkpoint (call ``gather_sums()`` on every rank first under DDP)."""
+        from . import __version__
+        epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
+        state = {
+            "format": FORMAT, "global_step": self.step, "epoch": epoch,
+            "step_in_epoch": step_in_epoch, "epoch_end_pending": self.epoch_end_pending,
+            "total_steps": self.total_steps,
+            "complete": self.step >= self.total_steps and not self.epoch_end_pending,
+            "best_top1": self.best_top1, "best_epoch": self.best_epoch,
+            "world_size": self.info.world, "metrics": self.metrics,
+            "rng": rng_state(), "config": self.config,
+            "versions": {"resnet_train": __version__, "torch": str(torch.__version__)},
+            "saved_at": time.time(),
+        }
+        for name, part in self.parts.items():
+            state[name] = None if part is None else part.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict, path: str) -> None:
+        """Restore every part; CheckpointError (exit 2) naming ``path`` if one doesn't fit."""
+        if state.get("format") != FORMAT:
+            raise CheckpointError(f"{path}: checkpoint format {state.get('format')} is not "
+                                  f"this version's ({FORMAT}); resume it with the resnet-train "
+                                  f"that wrote it, or start a new run from its weights")
+        check_fits(self.parts["model"], state["model"], path)
+        for name, part in self.parts.items():
+            if part is None or state.get(name) is None:
+                continue
+            try:
+                part.load_state_dict(state[name])
+            except (ValueError, KeyError, TypeError, RuntimeError) as e:
+                reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+                raise CheckpointError(f"{path}: its {name} state does not fit this run "
+                                      f"({reason})") from None
+        if not self.info.is_main:  # rank 0 holds the saved sums; the totals stay the same
+            for t in self._local_sums():
+                t.zero_()
+        self.step = int(state["global_step"])
+        self.best_top1, self.best_epoch = float(state["best_top1"]), int(state["best_epoch"])
+        self.epoch_end_pending = bool(state["epoch_end_pending"])
+        self.metrics = state.get("metrics")
+        set_rng_state(state["rng"])
+
+
+class OptimizerPart:
+    """The optimizer as a TrainState part: loading keeps this config's hyper-parameters."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        from .optim import load_optimizer_state
+        load_optimizer_state(self.optimizer, state)

@@ -4,6 +4,11 @@ Only this module reads YAML, and only with ``yaml.safe_load``. A config is loade
 defaults <- ``base:`` chain <- file <- command-line ``key=value`` overrides, then validated.
 The result is a frozen ``Config``; ``--help``, ``--print-config`` and validation all come
 from the dataclasses below.
+
+Each key also says what a change of it does when a run resumes (``opt(resume=...)``, one of
+``RESUME_CLASSES``): ``resume_changes(stored, cfg)`` compares a checkpoint's stored config
+with the new one and sorts the changes into applied and refused (``ResumeDiff``);
+``resume_refusal`` and ``resume_notice`` give the one-line texts the trainer raises / prints.
 """
 
 from __future__ import annotations
@@ -21,10 +26,48 @@ import yaml
 from .errors import ConfigError
 
 
-def opt(default: Any, help: str, *, min: float | None = None, min_open: bool = False,
-        max: float | None = None, max_open: bool = False):
-    """A schema field: default, one-line help and an optional numeric range."""
-    meta = {"help": help, "min": min, "min_open": min_open, "max": max, "max_open": max_open}
+@dataclass(frozen=True)
+class ResumeClass:
+    """What a changed key does when a run resumes from a checkpoint (see RESUME_CLASSES)."""
+    label: str                                  # the marker in --help and the README
+    meaning: str                                # one line for the README legend
+    refused: bool = False                       # refused unless in checkpoint.allow_changes ...
+    only_if: Optional[tuple[str, Any]] = None   # ... only when the NEW config has key == value
+    why: str = ""                               # added to the refusal when only_if applies
+    compared: bool = True
+
+
+# Every schema key names one of these in opt(resume=...). The conditional classes are the
+# keys that are harmless except under one schedule; the condition is read from the new config
+# because it is the new schedule that drives every later step.
+RESUME_CLASSES: dict[str, ResumeClass] = {
+    "safe": ResumeClass("safe", "applied on resume and listed in one notice line"),
+    "state": ResumeClass("refused", "changes what the saved state means: refused on resume "
+                         "unless allowed by checkpoint.allow_changes", refused=True),
+    "length": ResumeClass(
+        "refused under cosine", "the training length: applied on resume, except with "
+        "schedule.name=cosine (refused unless allowed)", refused=True,
+        only_if=("schedule.name", "cosine"),
+        why="the cosine lr curve is defined by the training length"),
+    "eval": ResumeClass(
+        "refused under plateau", "validation-only: applied on resume, except with "
+        "schedule.name=plateau (refused unless allowed)", refused=True,
+        only_if=("schedule.name", "plateau"),
+        why="the plateau schedule's saved best error and bad-epoch count were measured with "
+            "the old validation settings"),
+    "ignored": ResumeClass("not compared", "describes the resume itself; never compared",
+                           compared=False),
+}
+
+
+def opt(default: Any, help: str, *, resume: str, min: float | None = None,
+        min_open: bool = False, max: float | None = None, max_open: bool = False):
+    """A schema field: default, one-line help, what a change of it does on resume (a name in
+    RESUME_CLASSES; required, so that no key goes unclassified) and an optional numeric range."""
+    if resume not in RESUME_CLASSES:
+        raise ValueError(f"opt(resume={resume!r}): expected one of {', '.join(RESUME_CLASSES)}")
+    meta = {"help": help, "resume": resume, "min": min, "min_open": min_open, "max": max,
+            "max_open": max_open}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -35,144 +78,205 @@ def opt(default: Any, help: str, *, min: float | None = None, min_open: bool = F
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = opt("run", "run name; the run directory defaults to runs/<name>")
-    dir: Optional[str] = opt(None, "run directory (default runs/<run.name>)")
-    seed: int = opt(0, "seed for weights, data order and augmentation")
-    deterministic: bool = opt(False, "deterministic kernels; CPU resume is then bitwise exact")
-    device: Literal["auto", "cpu", "cuda"] = opt("auto", "training device; auto = cuda if available")
-    log_every: int = opt(50, "steps between plain-text progress lines when stdout is not a TTY", min=1)
+    name: str = opt("run", "run name; the run directory defaults to runs/<name>", resume="safe")
+    dir: Optional[str] = opt(None, "run directory (default runs/<run.name>)", resume="safe")
+    seed: int = opt(0, "seed for weights, data order and augmentation", resume="state")
+    deterministic: bool = opt(False, "deterministic kernels; CPU resume is then bitwise exact",
+                              resume="safe")
+    device: Literal["auto", "cpu", "cuda"] = opt(
+        "auto", "training device; auto = cuda if available", resume="safe")
+    log_every: int = opt(50, "steps between plain-text progress lines when stdout is not a TTY",
+                         resume="safe", min=1)
     progress: Literal["auto", "bar", "lines", "none"] = opt(
-        "auto", "console progress: tqdm bar on a TTY, plain lines otherwise (auto)")
+        "auto", "console progress: tqdm bar on a TTY, plain lines otherwise (auto)", resume="safe")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = opt("resnet20", "architecture, e.g. resnet20, resnet50, plain34, preact_resnet164")
+    arch: str = opt("resnet20", "architecture, e.g. resnet20, resnet50, plain34, preact_resnet164",
+                    resume="state")
     variant: Optional[Literal["v1", "v1.5"]] = opt(
-        None, "ImageNet bottleneck stride: v1 in the 1x1 (paper), v1.5 in the 3x3 (default)")
+        None, "ImageNet bottleneck stride: v1 in the 1x1 (paper), v1.5 in the 3x3 (default)",
+        resume="state")
     shortcut: Optional[Literal["A", "B", "C", "none"]] = opt(
-        None, "A zero-pad identity, B projection on change, C projection always, none = plain")
+        None, "A zero-pad identity, B projection on change, C projection always, none = plain",
+        resume="state")
     unit: Optional[Literal["original", "bn_after_add", "relu_before_add", "relu_only_preact",
-                           "full_preact"]] = opt(None, "residual unit order (He et al. 2016 Fig. 4)")
-    zero_init_residual: bool = opt(False, "zero the last BN gamma of each residual branch")
-    width: Optional[int] = opt(None, "base width override (64 ImageNet, 16 CIFAR)", min=1)
-    log_block_norms: bool = opt(False, "log ||F(x)||/||x|| per residual block to TensorBoard")
+                           "full_preact"]] = opt(
+        None, "residual unit order (He et al. 2016 Fig. 4)", resume="state")
+    # The weights were initialised with it: the resolved config must keep saying so.
+    zero_init_residual: bool = opt(False, "zero the last BN gamma of each residual branch",
+                                   resume="state")
+    width: Optional[int] = opt(None, "base width override (64 ImageNet, 16 CIFAR)",
+                               resume="state", min=1)
+    log_block_norms: bool = opt(False, "log ||F(x)||/||x|| per residual block to TensorBoard",
+                                resume="safe")
 
 
 @dataclass(frozen=True)
 class TrainAugConfig:
     aug: Literal["paper", "random_resized_crop", "cifar", "none"] = opt(
-        "paper", "train augmentation: paper scale aug, random_resized_crop, cifar pad-crop, none")
-    scale: list[int] = opt([256, 480], "paper aug: short side drawn from [min, max]")
-    crop: int = opt(224, "train crop size", min=1)
-    rrc_scale: list[float] = opt([0.08, 1.0], "random_resized_crop area range")
-    rrc_ratio: list[float] = opt([0.75, 1.3333333], "random_resized_crop aspect-ratio range")
-    flip: bool = opt(True, "random horizontal flip, p=0.5")
-    pad: int = opt(4, "cifar aug: zero padding before the random crop", min=0)
-    pca_lighting: float = opt(0.0, "AlexNet PCA lighting alpha std (paper: 0.1)", min=0)
-    color_jitter: float = opt(0.0, "brightness/contrast/saturation jitter strength", min=0)
+        "paper", "train augmentation: paper scale aug, random_resized_crop, cifar pad-crop, none",
+        resume="state")
+    scale: list[int] = opt([256, 480], "paper aug: short side drawn from [min, max]",
+                           resume="state")
+    crop: int = opt(224, "train crop size", resume="state", min=1)
+    rrc_scale: list[float] = opt([0.08, 1.0], "random_resized_crop area range", resume="state")
+    rrc_ratio: list[float] = opt([0.75, 1.3333333], "random_resized_crop aspect-ratio range",
+                                 resume="state")
+    flip: bool = opt(True, "random horizontal flip, p=0.5", resume="state")
+    pad: int = opt(4, "cifar aug: zero padding before the random crop", resume="state", min=0)
+    pca_lighting: float = opt(0.0, "AlexNet PCA lighting alpha std (paper: 0.1)",
+                              resume="state", min=0)
+    color_jitter: float = opt(0.0, "brightness/contrast/saturation jitter strength",
+                              resume="state", min=0)
 
 
 @dataclass(frozen=True)
 class ValAugConfig:
-    resize: int = opt(256, "validation short side", min=1)
-    crop: int = opt(224, "validation centre crop", min=1)
+    # Not validation-only: folder datasets train at it with train.aug=none, and their
+    # pixel-mean image is computed at it.
+    resize: int = opt(256, "validation short side", resume="state", min=1)
+    crop: int = opt(224, "validation centre crop", resume="eval", min=1)
     protocol: Literal["center", "ten_crop", "multiscale"] = opt(
-        "center", "test views: centre crop, 10-crop, or full images at val.scales (folders)")
+        "center", "test views: centre crop, 10-crop, or full images at val.scales (folders)",
+        resume="eval")
     scales: list[int] = opt([224, 256, 384, 480, 640],
-                            "multiscale protocol: short sides of the fully-convolutional test", min=1)
-    flip: bool = opt(False, "multiscale protocol: also average the horizontal flips")
+                            "multiscale protocol: short sides of the fully-convolutional test",
+                            resume="eval", min=1)
+    flip: bool = opt(False, "multiscale protocol: also average the horizontal flips",
+                     resume="eval")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     dataset: Literal["synthetic", "synthetic_imagenet", "cifar10", "cifar100", "imagenet",
-                     "folder"] = opt("synthetic", "dataset")
-    root: Optional[str] = opt(None, "dataset root directory (not needed for synthetic)")
-    batch_size: int = opt(256, "GLOBAL batch size, split across ranks", min=1)
-    workers: int = opt(4, "loader worker processes per rank (folder datasets)", min=0)
-    num_classes: Optional[int] = opt(None, "number of classes (default: from the dataset)", min=1)
-    image_size: int = opt(32, "synthetic: image side in pixels", min=8)
-    train_samples: int = opt(20000, "synthetic: training images per epoch", min=1)
-    val_samples: int = opt(2000, "synthetic: validation images (fixed set)", min=1)
-    synthetic_classes: int = opt(10, "synthetic: number of classes (10..16)", min=10, max=16)
-    train_dir: str = opt("train", "folder datasets: training split directory")
-    val_dir: str = opt("val", "folder datasets: validation split directory")
+                     "folder"] = opt("synthetic", "dataset", resume="state")
+    root: Optional[str] = opt(None, "dataset root directory (not needed for synthetic)",
+                              resume="safe")
+    batch_size: int = opt(256, "GLOBAL batch size, split across ranks", resume="state", min=1)
+    workers: int = opt(4, "loader worker processes per rank (folder datasets)", resume="safe",
+                       min=0)
+    num_classes: Optional[int] = opt(None, "number of classes (default: from the dataset)",
+                                     resume="state", min=1)
+    image_size: int = opt(32, "synthetic: image side in pixels", resume="state", min=8)
+    train_samples: int = opt(20000, "synthetic: training images per epoch", resume="state", min=1)
+    val_samples: int = opt(2000, "synthetic: validation images (fixed set)", resume="eval", min=1)
+    synthetic_classes: int = opt(10, "synthetic: number of classes (10..16)", resume="state",
+                                 min=10, max=16)
+    train_dir: str = opt("train", "folder datasets: training split directory", resume="safe")
+    val_dir: str = opt("val", "folder datasets: validation split directory", resume="safe")
     val_split: Literal["test", "holdout"] = opt(
-        "test", "CIFAR validation: the test set, or a seeded holdout from train (paper 45k/5k)")
-    holdout_size: int = opt(5000, "CIFAR holdout: images held out of train", min=1)
-    holdout_seed: int = opt(0, "CIFAR holdout: seed of the split (fixed across runs)")
+        "test", "CIFAR validation: the test set, or a seeded holdout from train (paper 45k/5k)",
+        resume="state")
+    holdout_size: int = opt(5000, "CIFAR holdout: images held out of train", resume="state",
+                            min=1)
+    holdout_seed: int = opt(0, "CIFAR holdout: seed of the split (fixed across runs)",
+                            resume="state")
     cifar100_labels: Literal["fine", "coarse"] = opt(
-        "fine", "CIFAR-100: the 100 fine labels or the 20 coarse superclasses")
-    download: bool = opt(False, "CIFAR: download and verify the archive if missing")
+        "fine", "CIFAR-100: the 100 fine labels or the 20 coarse superclasses", resume="state")
+    download: bool = opt(False, "CIFAR: download and verify the archive if missing",
+                         resume="safe")
     normalize: Literal["channel", "pixel_mean"] = opt(
-        "channel", "mean subtraction per channel, or the per-pixel mean image of the train set")
-    mean: Optional[list[float]] = opt(None, "per-channel mean in [0,1] (default: dataset's)")
-    std: Optional[list[float]] = opt(None, "per-channel std in [0,1] (default: dataset's)")
-    divide_std: bool = opt(True, "divide by the std after mean subtraction")
+        "channel", "mean subtraction per channel, or the per-pixel mean image of the train set",
+        resume="state")
+    mean: Optional[list[float]] = opt(None, "per-channel mean in [0,1] (default: dataset's)",
+                                      resume="state")
+    std: Optional[list[float]] = opt(None, "per-channel std in [0,1] (default: dataset's)",
+                                     resume="state")
+    divide_std: bool = opt(True, "divide by the std after mean subtraction", resume="state")
+    # The cached mean image is keyed by it: a change recomputes a different normalisation.
     pixel_mean_samples: int = opt(
-        10000, "folder pixel_mean: training images averaged (evenly spaced; 0 = all)", min=0)
+        10000, "folder pixel_mean: training images averaged (evenly spaced; 0 = all)",
+        resume="state", min=0)
     on_bad_image: Literal["skip", "error"] = opt(
-        "skip", "unreadable image: skip (replace, report) or error (stop with the path)")
-    pin_memory: bool = opt(True, "pinned host memory for loader batches (CUDA)")
-    prefetch: int = opt(4, "batches prefetched per worker", min=1)
+        "skip", "unreadable image: skip (replace, report) or error (stop with the path)",
+        resume="safe")
+    pin_memory: bool = opt(True, "pinned host memory for loader batches (CUDA)", resume="safe")
+    prefetch: int = opt(4, "batches prefetched per worker", resume="safe", min=1)
     train: TrainAugConfig = field(default_factory=TrainAugConfig)
     val: ValAugConfig = field(default_factory=ValAugConfig)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = opt(0.1, "learning rate for the global batch", min=0, min_open=True)
-    momentum: float = opt(0.9, "SGD momentum", min=0, max=1, max_open=True)
-    weight_decay: float = opt(1e-4, "L2 weight decay", min=0)
-    nesterov: bool = opt(False, "Nesterov momentum")
-    no_decay_bn_bias: bool = opt(False, "no weight decay on BN parameters and biases")
-    lr_scaling: Literal["none", "linear"] = opt("none", "linear: lr x global_batch / 256")
+    lr: float = opt(0.1, "learning rate for the global batch", resume="state", min=0,
+                    min_open=True)
+    momentum: float = opt(0.9, "SGD momentum", resume="state", min=0, max=1, max_open=True)
+    weight_decay: float = opt(1e-4, "L2 weight decay", resume="state", min=0)
+    nesterov: bool = opt(False, "Nesterov momentum", resume="state")
+    no_decay_bn_bias: bool = opt(False, "no weight decay on BN parameters and biases",
+                                 resume="state")
+    lr_scaling: Literal["none", "linear"] = opt("none", "linear: lr x global_batch / 256",
+                                                resume="state")
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
     name: Literal["constant", "step", "multistep", "plateau", "cosine"] = opt(
-        "multistep", "lr schedule")
-    unit: Literal["epoch", "iter"] = opt("epoch", "unit of step_size / milestones")
-    step_size: int = opt(30, "step: decay every step_size units", min=1)
-    milestones: list[int] = opt([100, 150], "multistep: decay at these epochs / iterations")
-    gamma: float = opt(0.1, "decay factor", min=0, min_open=True, max=1)
-    patience: int = opt(5, "plateau: epochs without improvement before a decay", min=0)
-    threshold: float = opt(1e-3, "plateau: minimal absolute decrease of val error", min=0)
-    min_lr: float = opt(0.0, "lower bound of the lr (plateau, cosine)", min=0)
-    warmup: int = opt(0, "linear warm-up length (warmup_unit) from warmup_start_factor x lr", min=0)
-    warmup_unit: Literal["epoch", "iter"] = opt("epoch", "unit of the warm-up length")
-    warmup_start_factor: float = opt(0.1, "lr factor at the start of the linear warm-up", min=0)
+        "multistep", "lr schedule", resume="state")
+    unit: Literal["epoch", "iter"] = opt("epoch", "unit of step_size / milestones",
+                                         resume="state")
+    step_size: int = opt(30, "step: decay every step_size units", resume="state", min=1)
+    milestones: list[int] = opt([100, 150], "multistep: decay at these epochs / iterations",
+                                resume="state")
+    gamma: float = opt(0.1, "decay factor", resume="state", min=0, min_open=True, max=1)
+    patience: int = opt(5, "plateau: epochs without improvement before a decay",
+                        resume="state", min=0)
+    threshold: float = opt(1e-3, "plateau: minimal absolute decrease of val error",
+                           resume="state", min=0)
+    min_lr: float = opt(0.0, "lower bound of the lr (plateau, cosine)", resume="state", min=0)
+    warmup: int = opt(0, "linear warm-up length (warmup_unit) from warmup_start_factor x lr",
+                      resume="state", min=0)
+    warmup_unit: Literal["epoch", "iter"] = opt("epoch", "unit of the warm-up length",
+                                                resume="state")
+    warmup_start_factor: float = opt(0.1, "lr factor at the start of the linear warm-up",
+                                     resume="state", min=0)
     low_lr_until_error: Optional[float] = opt(
-        None, "ResNet-110 warm-up: lr x low_lr_factor until train error < this", min=0, max=1)
+        None, "ResNet-110 warm-up: lr x low_lr_factor until train error < this",
+        resume="state", min=0, max=1)
     low_lr_factor: float = opt(0.1, "ResNet-110 warm-up: lr factor while the error is high",
-                               min=0, min_open=True)
+                               resume="state", min=0, min_open=True)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = opt(160, "training epochs", min=1)
-    iterations: Optional[int] = opt(None, "training length in iterations (overrides epochs)", min=1)
-    amp: Literal["auto", "none", "bf16", "fp16"] = opt("auto", "mixed precision")
-    channels_last: Literal["auto", "true", "false"] = opt("auto", "NHWC memory format; auto = on CPU, and on CUDA with amp")
-    compile: bool = opt(False, "torch.compile the model")
-    label_smoothing: float = opt(0.0, "label smoothing", min=0, max=1, max_open=True)
-    accum_steps: int = opt(1, "gradient accumulation micro-steps per optimizer step", min=1)
+    epochs: int = opt(160, "training epochs", resume="length", min=1)
+    iterations: Optional[int] = opt(None, "training length in iterations (overrides epochs)",
+                                    resume="length", min=1)
+    amp: Literal["auto", "none", "bf16", "fp16"] = opt("auto", "mixed precision", resume="safe")
+    channels_last: Literal["auto", "true", "false"] = opt(
+        "auto", "NHWC memory format; auto = on CPU, and on CUDA with amp", resume="safe")
+    compile: bool = opt(False, "torch.compile the model", resume="safe")
+    label_smoothing: float = opt(0.0, "label smoothing", resume="state", min=0, max=1,
+                                 max_open=True)
+    # BatchNorm sees micro-batches: a change alters the training maths, not just the memory.
+    accum_steps: int = opt(1, "gradient accumulation micro-steps per optimizer step",
+                           resume="state", min=1)
     max_bad_steps: int = opt(5, "consecutive skipped (non-finite) steps before stopping; fp16 "
-                                "allows 16 more while the grad scaler calibrates", min=1)
-    eval_every: int = opt(1, "validate every N epochs (and always at the end)", min=1)
+                                "allows 16 more while the grad scaler calibrates",
+                             resume="safe", min=1)
+    # The plateau rule counts validated epochs: its saved bad-epoch count is in this unit.
+    eval_every: int = opt(1, "validate every N epochs (and always at the end)", resume="eval",
+                          min=1)
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     resume: str = opt("auto", "auto: newest in the run dir; a path: seeds a run dir with no "
-                           "checkpoint of its own; none: fresh start (refused over checkpoints)")
-    every_steps: int = opt(0, "also save last.pt every N steps (0 = off)", min=0)
-    every_epochs: int = opt(0, "keep epoch_NNN.pt every N epochs (0 = off)", min=0)
-    keep_last: int = opt(3, "epoch_NNN.pt files kept (0 = all)", min=0)
-    signals: list[str] = opt(["SIGTERM", "SIGUSR1"], "signals that save last.pt and exit")
-    signal_check_every: int = opt(10, "DDP: steps between agreeing on a received signal", min=1)
+                              "checkpoint of its own; none: fresh start (refused over checkpoints)",
+                      resume="ignored")
+    every_steps: int = opt(0, "also save last.pt every N steps (0 = off)", resume="safe", min=0)
+    every_epochs: int = opt(0, "keep epoch_NNN.pt every N epochs (0 = off)", resume="safe",
+                            min=0)
+    keep_last: int = opt(3, "epoch_NNN.pt files kept (0 = all)", resume="safe", min=0)
+    signals: list[str] = opt(["SIGTERM", "SIGUSR1"], "signals that save last.pt and exit",
+                             resume="safe")
+    signal_check_every: int = opt(10, "DDP: steps between agreeing on a received signal",
+                                  resume="safe", min=1)
+    allow_changes: list[str] = opt(
+        [], "keys refused on resume that may change anyway, e.g. [optim.weight_decay]; a "
+            "section (optim) allows all its keys, all allows every change", resume="ignored")
 
 
 @dataclass(frozen=True)
@@ -230,18 +334,32 @@ def _default_of(f) -> Any:
     return f.default_factory()
 
 
+def resume_class(key: str) -> ResumeClass:
+    """The ResumeClass of a dotted leaf key (KeyError if there is no such key)."""
+    for k, _, f in iter_keys():
+        if k == key:
+            return RESUME_CLASSES[f.metadata["resume"]]
+    raise KeyError(key)
+
+
 def help_text() -> str:
-    """Every key with its type, default and help: the body of ``resnet-train --help``."""
+    """Every key with its type, default, help and what a change does on resume: the body of
+    ``resnet-train --help``."""
     lines = []
     for key, tp, f in iter_keys():
         default = _default_of(f)
-        lines.append(f"  {key} ({type_name(tp)}, default {_yaml_scalar(default)})\n"
-                     f"      {f.metadata['help']}")
+        label = RESUME_CLASSES[f.metadata["resume"]].label
+        lines.append(f"  {key} ({type_name(tp)}, default {_yaml_scalar(default)}) "
+                     f"[resume: {label}]\n      {f.metadata['help']}")
+    lines.append("\n  [resume: ...] is what a changed key does when a run resumes:")
+    lines += [f"    {c.label}: {c.meaning}" for c in RESUME_CLASSES.values()]
     return "\n".join(lines)
 
 
 def _yaml_scalar(v: Any) -> str:
-    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+    """A value in YAML flow style, on one line (``[1, 2]``, ``null``, ``auto``)."""
+    text = yaml.safe_dump(v, default_flow_style=True, width=float("inf"))
+    return text.strip().removesuffix("...").strip().replace("\n", " ")
 
 
 # --------------------------------------------------------------------------- coercion
@@ -560,3 +678,110 @@ def validate(cfg: Config) -> None:
     for name in cfg.checkpoint.signals:
         if not isinstance(getattr(_signal, name, None), _signal.Signals):
             raise ConfigError(f"checkpoint.signals: unknown signal {name!r}")
+    known = set(_all_keys())
+    for entry in cfg.checkpoint.allow_changes:
+        if entry != "all" and entry not in known:
+            raise ConfigError(f"checkpoint.allow_changes: {_unknown(entry)} (entries are "
+                              f"dotted keys, sections such as optim, or all)")
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@dataclass(frozen=True)
+class ResumeDiff:
+    """The keys whose value differs between a checkpoint's stored config and the new one.
+
+    ``applied`` and ``refused`` are ``"key: old -> new"`` strings (values in YAML flow style),
+    in schema order; ``applied_keys`` / ``refused_keys`` are the bare dotted keys. ``reasons``
+    explains refusals that depend on the new schedule (e.g. a length change under cosine).
+    Allowed refusable changes (checkpoint.allow_changes) are in ``applied``.
+    """
+    applied: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    applied_keys: list[str] = field(default_factory=list)
+    refused_keys: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+
+_MISSING = object()
+
+
+def _stored_value(stored: Any, key: str) -> Any:
+    node = stored
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _value(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _allowed(key: str, allow: list[str]) -> bool:
+    return any(a == "all" or key == a or key.startswith(a + ".") for a in allow)
+
+
+def resume_changes(stored: dict, cfg: Config) -> ResumeDiff:
+    """Compare a checkpoint's stored config with the config of the resuming run.
+
+    ``stored`` is the nested dict ``dataclasses.asdict`` wrote into the checkpoint. A key or
+    section it lacks (an older checkpoint) counts as its schema default; keys it has that the
+    schema does not (a newer version) are ignored; stored values are coerced to the declared
+    type before comparing (a value this version does not accept counts as changed). Each
+    changed key goes by its ``opt(resume=...)`` class (RESUME_CLASSES): safe ones to
+    ``applied``, refusable ones to ``refused`` unless the new config's schedule makes them
+    harmless or ``cfg.checkpoint.allow_changes`` allows them. Keys of class ``ignored``
+    (checkpoint.resume, checkpoint.allow_changes) are never compared. Raises nothing.
+    """
+    allow = list(cfg.checkpoint.allow_changes)
+    applied: list[tuple[str, str]] = []
+    refused: list[tuple[str, str]] = []
+    reasons: list[str] = []
+    for key, tp, f in iter_keys():
+        rc = RESUME_CLASSES[f.metadata["resume"]]
+        if not rc.compared:
+            continue
+        new, raw = _value(cfg, key), _stored_value(stored, key)
+        if raw is _MISSING:
+            old = _default_of(f)
+        else:
+            try:
+                old = _coerce(raw, tp, key)
+            except ConfigError:
+                old = raw
+        if old == new:
+            continue
+        text = f"{key}: {_yaml_scalar(old)} -> {_yaml_scalar(new)}"
+        refuse = rc.refused and (rc.only_if is None
+                                 or _value(cfg, rc.only_if[0]) == rc.only_if[1])
+        if refuse and not _allowed(key, allow):
+            refused.append((key, text))
+            if rc.only_if is not None:
+                why = f"with {rc.only_if[0]}={rc.only_if[1]}, {rc.why}"
+                if why not in reasons:
+                    reasons.append(why)
+        else:
+            applied.append((key, text))
+    return ResumeDiff(applied=[t for _, t in applied], refused=[t for _, t in refused],
+                      applied_keys=[k for k, _ in applied], refused_keys=[k for k, _ in refused],
+                      reasons=reasons)
+
+
+def resume_refusal(path: str, diff: ResumeDiff) -> str:
+    """The one-line ConfigError text for ``diff.refused`` (the caller raises it: exit 2)."""
+    why = f" ({'; '.join(diff.reasons)})" if diff.reasons else ""
+    return (f"checkpoint {path} was written with a different config: "
+            f"{', '.join(diff.refused)}; these change what the saved state means{why}. "
+            f"Restore them, start a new run.dir, or allow them with "
+            f"checkpoint.allow_changes=[{','.join(diff.refused_keys)}]")
+
+
+def resume_notice(diff: ResumeDiff) -> str:
+    """The one-line notice for ``diff.applied``, printed when the resume goes ahead."""
+    return f"resuming with changed settings: {', '.join(diff.applied)}"

@@ -104,6 +104,22 @@ def any_rank(flag: bool, device: torch.device, info: DistInfo) -> bool:
     return bool(t.item() > 0)
 
 
+def min_over_ranks(value: int, device: torch.device, info: DistInfo) -> int:
+    """The smallest of the ranks' values (every rank gets it)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def broadcast_tensors(tensors: list[torch.Tensor], info: DistInfo) -> None:
+    """Overwrite ``tensors`` in place with rank 0's values."""
+    if info.enabled:
+        for t in tensors:
+            dist.broadcast(t, src=0)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

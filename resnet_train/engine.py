@@ -1,236 +1,222 @@
-"""The loops: one training epoch (or a slice of one) and one evaluation. No policy here.
+"""The step and the evaluation pass. No policy here: the trainer decides what to do when.
 
-The trainer decides when to save, when to stop and what to log; the loop runs steps from
-``start`` up to ``until`` and returns early only if ``stop`` says so.
+``TrainStep(x, y)`` runs forward/backward over the micro-batches and one optimizer step and
+returns a device tensor of statistics. It never waits for the device: a non-finite loss or
+gradient skips the update *on the device* (the fused SGD kernel reads a ``found_inf`` flag,
+as GradScaler does for fp16) and puts back the BatchNorm statistics the bad forward pass
+wrote. The trainer reads the statistics (``Meter``) only at logging points.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed as dist_utils
-from .data.transforms import eval_views
+from .data.views import eval_views
+from .runtime import Runtime
+
+SCALER_CALIBRATION = 16  # log2 of GradScaler's initial scale: room for its first overflows
+
+# The statistics of one step, and of a Meter: sums over the batches the optimizer took.
+STATS = ("loss_sum", "correct1", "correct5", "n", "skipped")
 
 
-class NonFiniteLoss(RuntimeError):
-    """Too many consecutive non-finite losses: the run stops, last good checkpoint kept."""
-
-
-SCALER_CALIBRATION = 16  # log2 of GradScaler's initial scale
-
-
-@dataclass
-class Stepper:
-    """What one optimizer step needs; built once by the trainer."""
-
-    model: nn.Module                    # possibly DDP / compiled
-    optimizer: torch.optim.Optimizer
-    schedule: object                    # optim.LRSchedule
-    scaler: torch.amp.GradScaler | None
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    channels_last: bool
-    accum_steps: int
-    label_smoothing: float
-    max_bad_steps: int
-    dist: dist_utils.DistInfo
-    probe: torch.Tensor | None = None   # a head parameter: its all-reduced grad decides for all ranks
-    watch_train_error: bool = False     # the ResNet-110 warm-up needs the running train error
-    bad_steps: int = 0                  # consecutive non-finite steps (checkpointed)
-    global_step: int = 0                # optimizer steps taken since the start of training
-    error_mark: torch.Tensor | None = None  # meter sums at the last train-error check
-    # BatchNorm running statistics: a non-finite forward pass writes NaN/inf into them, so a
-    # skipped step puts back their values from before it.
-    buffers: list = field(default_factory=list)
-    _snapshot: list = field(default_factory=list)
-    scale: float | None = None          # the grad scaler's scale after the last step
-
-    def save_buffers(self) -> None:
-        if not self.buffers:
-            return
-        if not self._snapshot:
-            self._snapshot = [torch.empty_like(b) for b in self.buffers]
-        torch._foreach_copy_(self._snapshot, self.buffers)  # one fused launch on CUDA
-
-    def restore_buffers(self) -> None:
-        if self._snapshot:
-            torch._foreach_copy_(self.buffers, self._snapshot)
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-
-@dataclass
 class Meter:
-    """Running sums on the device; read (one sync) only when shown or at epoch end."""
+    """Running sums of step statistics on the device; read (one sync) only when shown."""
 
-    device: torch.device
-    sums: torch.Tensor = None  # loss_sum, correct1, correct5, n
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(len(STATS), dtype=torch.float64, device=device)
 
-    def __post_init__(self):
-        if self.sums is None:
-            self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+    def add(self, stats: torch.Tensor) -> None:
+        self.sums += stats
 
-    def add(self, loss_sum: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hit = top5 == y.unsqueeze(1)
-        self.sums += torch.stack([loss_sum.double(), hit[:, 0].sum().double(),
-                                  hit.any(1).sum().double(),
-                                  torch.tensor(y.shape[0], dtype=torch.float64,
-                                               device=y.device)])
+    def reset(self) -> None:
+        self.sums.zero_()
 
-    def values(self) -> dict[str, float]:
-        loss, c1, c5, n = self.sums.tolist()
-        n = max(n, 1.0)
-        return {"loss": loss / n, "top1": c1 / n, "top5": c5 / n}
+    def read(self, info: dist_utils.DistInfo, extra: tuple = ()) -> dict:
+        """Means over every rank (a collective under DDP); ``extra`` device scalars and host
+        floats come back summed over ranks in ``"extra"``. One host read."""
+        tensors = [e.reshape(1).double() for e in extra if torch.is_tensor(e)]
+        floats = [float(e) for e in extra if not torch.is_tensor(e)]
+        local = torch.cat([self.sums, *tensors]).tolist() + floats
+        loss, c1, c5, n, skipped, *rest = dist_utils.all_reduce_sum(local, self.sums.device,
+                                                                    info)
+        per = max(n, 1.0)
+        return {"loss": loss / per, "top1": c1 / per, "top5": c5 / per, "n": int(n),
+                "skipped": int(skipped), "extra": rest}
+
+    def local_sums(self) -> list[torch.Tensor]:
+        return [self.sums]
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums.copy_(torch.tensor(state["sums"], dtype=torch.float64))
 
 
 @dataclass
 class Timer:
-    """Wall time, time blocked waiting for data, and steps in the current epoch."""
+    """Host-side time and counts of the current epoch (kept across a mid-epoch resume)."""
 
-    wall: float = 0.0
-    data_wait: float = 0.0
+    wall: float = 0.0        # seconds in training steps, data waits included
+    data_wait: float = 0.0   # seconds blocked on the loader
     steps: int = 0
-    images: int = 0
-    skipped: int = 0        # steps not taken: non-finite loss or gradients
-    extra: dict = field(default_factory=dict)
+    images: int = 0          # global images (all ranks)
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, type(getattr(self, f.name))(state[f.name]))
+
+    def reset(self) -> None:
+        self.load_state_dict(dataclasses.asdict(Timer()))
 
 
-def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device):
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+class _BufferGuard:
+    """Puts back buffers (BatchNorm running statistics) that a skipped step wrote.
 
-
-def train_one_epoch(s: Stepper, loader, prep, epoch: int, start: int, until: int, meter: Meter,
-                    timer: Timer, stop, progress, seed: int) -> int:
-    """Run steps ``start..until-1`` of ``epoch``; return the next step to run.
-
-    ``stop`` is polled every step (a local flag) and agreed across ranks every few steps; on a
-    stop the function returns after finishing the current step.
+    A non-finite forward pass writes NaN into the running statistics, which no later step
+    repairs. Per dtype, one preallocated flat snapshot per step and a masked copy back: a
+    handful of kernels whatever the number of layers, and no host read.
     """
-    from .data.sampling import batch_generator
 
-    s.model.train()
-    step = start
-    t_end = time.perf_counter()
-    batches = loader.batches(epoch, start)
-    while step < until:
-        t_wait = time.perf_counter()
+    def __init__(self, buffers: list[torch.Tensor]):
+        groups: dict[torch.dtype, list[torch.Tensor]] = {}
+        for b in buffers:
+            groups.setdefault(b.dtype, []).append(b)
+        self.groups = []
+        for bufs in groups.values():
+            flat = [b.view(-1) for b in bufs]
+            snap = torch.empty(sum(f.numel() for f in flat), dtype=bufs[0].dtype,
+                               device=bufs[0].device)
+            scratch = torch.empty_like(snap)
+            views = [v.view_as(b) for v, b in zip(scratch.split([f.numel() for f in flat]), bufs)]
+            self.groups.append((bufs, flat, snap, scratch, views))
+
+    def save(self) -> None:
+        for _, flat, snap, _, _ in self.groups:
+            torch.cat(flat, out=snap)
+
+    def keep_if(self, good: torch.Tensor) -> None:
+        """Keep the new values where ``good`` (a device bool), else restore the snapshot."""
+        for bufs, flat, snap, scratch, views in self.groups:
+            torch.cat(flat, out=scratch)
+            torch.where(good, scratch, snap, out=scratch)
+            torch._foreach_copy_(bufs, views)
+
+
+class TrainStep:
+    """One optimizer step over ``accum_steps`` micro-batches; returns ``STATS`` on the device.
+
+    The update is skipped on the device when the loss or gradients are not finite: with a
+    GradScaler (fp16) the scaler decides from all gradients; otherwise the (all-reduced, so
+    alike on every rank) gradient of a head parameter, which a NaN loss anywhere poisons.
+    ``bad_run`` counts consecutive skips and ``peak_bad_run`` its maximum since the last
+    ``take_peak()``, both on the device.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler | None, runtime: Runtime, accum_steps: int,
+                 label_smoothing: float, probe: torch.Tensor, buffers: list[torch.Tensor],
+                 distributed: bool):
+        self.model, self.optimizer, self.scaler, self.runtime = model, optimizer, scaler, runtime
+        self.accum_steps, self.label_smoothing = accum_steps, label_smoothing
+        self.probe, self.distributed = probe, distributed
+        self.guard = _BufferGuard(buffers)
+        device = runtime.device
+        self.bad_run = torch.zeros((), dtype=torch.float64, device=device)
+        self.peak_bad_run = torch.zeros((), dtype=torch.float64, device=device)
+        self._batch_n: dict[int, torch.Tensor] = {}  # batch size -> device scalar, made once
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.guard.save()
+        loss_sum, correct1, correct5 = self._forward_backward(x, y)
+        good = self._guarded_update(loss_sum)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.guard.keep_if(good)
+        bad = (~good).double()
+        self.bad_run.add_(1).mul_(bad)
+        torch.maximum(self.peak_bad_run, self.bad_run, out=self.peak_bad_run)
+        stats = torch.stack([loss_sum.double(), correct1, correct5, self._n(x.shape[0])])
+        # where, not a product: a skipped step's NaN loss times 0 would still be NaN
+        return torch.cat([torch.where(good, stats, 0.0), bad.view(1)])
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor):
+        micro = x.shape[0] // self.accum_steps
+        loss_sum = correct1 = correct5 = None
+        for i, (xs, ys) in enumerate(zip(x.split(micro), y.split(micro))):
+            last = i == self.accum_steps - 1
+            # DDP all-reduces the gradients on the last micro-step only.
+            sync = self.model.no_sync() if not last and hasattr(self.model, "no_sync") \
+                else contextlib.nullcontext()
+            with sync:
+                with self.runtime.autocast():
+                    logits = self.model(xs)
+                    loss = F.cross_entropy(logits.float(), ys,
+                                           label_smoothing=self.label_smoothing)
+                scaled = loss / self.accum_steps
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            c1, c5 = _hits(logits.detach(), ys)
+            part = loss.detach() * ys.shape[0]
+            loss_sum = part if loss_sum is None else loss_sum + part
+            correct1 = c1 if correct1 is None else correct1 + c1
+            correct5 = c5 if correct5 is None else correct5 + c5
+        return loss_sum, correct1, correct5
+
+    def _guarded_update(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """Step the optimizer unless something is non-finite; the device bool 'stepped'."""
+        opt = self.optimizer
+        if self.scaler is not None:
+            # The scaler finds inf/nan in the (all-reduced) unscaled gradients and hands the
+            # fused kernel its found_inf flag; we read that same flag before update().
+            self.scaler.step(opt)
+            found = sum(self.scaler._per_optimizer_states[id(opt)]["found_inf_per_device"]
+                        .values())
+            self.scaler.update()
+            return found == 0
+        check = self.probe.grad.sum() if self.probe.grad is not None else loss_sum
+        if not self.distributed:  # one process: the local loss is the whole story too
+            check = check + loss_sum
+        good = torch.isfinite(check)
+        opt.grad_scale, opt.found_inf = None, (~good).float()
         try:
-            x, y = next(batches)
-        except StopIteration:
-            break
-        x, y = _to_device(x, y, s.device)
-        timer.data_wait += time.perf_counter() - t_wait
-        gen = batch_generator(seed, epoch, step, s.dist.rank, s.device)
-        x = prep(x, gen)
-        if s.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            opt.step()
+        finally:
+            del opt.grad_scale, opt.found_inf
+        return good
 
-        lr = s.schedule.apply(s.global_step)
-        if not _optimizer_step(s, x, y, meter):
-            timer.skipped += 1
-        s.global_step += 1
-        step += 1
-        timer.steps += 1
-        timer.images += x.shape[0] * s.dist.world
+    def _n(self, batch: int) -> torch.Tensor:
+        if batch not in self._batch_n:
+            self._batch_n[batch] = torch.full((), float(batch), dtype=torch.float64,
+                                              device=self.runtime.device)
+        return self._batch_n[batch]
 
-        if s.watch_train_error and step % 5 == 0:
-            _feed_train_error(s, meter, s.global_step - 1)
-        if progress.wants(step):
-            v = meter.values()
-            elapsed = timer.wall + (time.perf_counter() - t_end)
-            progress.update(step, {"loss": v["loss"], "top1": v["top1"], "lr": lr,
-                                   "img/s": timer.images / max(elapsed, 1e-9)})
-        if stop.poll(step):
-            break
-    timer.wall += time.perf_counter() - t_end
-    if hasattr(batches, "close"):  # release a loader iterator left mid-epoch
-        batches.close()
-    return step
+    def reset_peak(self) -> None:
+        """Start a new window for ``peak_bad_run`` (after the caller read it)."""
+        self.peak_bad_run.copy_(self.bad_run)
+
+    def state_dict(self) -> dict:
+        return {"bad_run": float(self.bad_run)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bad_run.fill_(float(state["bad_run"]))
+        self.peak_bad_run.fill_(float(state["bad_run"]))
 
 
-def _optimizer_step(s: Stepper, x: torch.Tensor, y: torch.Tensor, meter: Meter) -> bool:
-    """Forward/backward over accum_steps micro-batches, then one (guarded) optimizer step.
-
-    Returns False for a step skipped as non-finite; its loss and accuracy stay out of
-    ``meter`` (one NaN would make the epoch's mean loss NaN).
-    """
-    micro = x.shape[0] // s.accum_steps
-    loss_sum = torch.zeros((), device=s.device)
-    step_meter = Meter(s.device)
-    s.save_buffers()
-    for i in range(s.accum_steps):
-        xs, ys = x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]
-        last = i == s.accum_steps - 1
-        # Gradients are all-reduced only on the last micro-step.
-        sync = contextlib.nullcontext() if last or not hasattr(s.model, "no_sync") \
-            else s.model.no_sync()
-        with sync:
-            with s.autocast():
-                logits = s.model(xs)
-                loss = F.cross_entropy(logits.float(), ys, label_smoothing=s.label_smoothing)
-            scaled = loss / s.accum_steps
-            if s.scaler is not None:
-                s.scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
-        loss_sum = loss_sum + loss.detach() * ys.shape[0]
-        step_meter.add(loss.detach() * ys.shape[0], logits.detach(), ys)
-
-    if s.scaler is not None:
-        # The scaler skips the step itself on inf/nan gradients (found from the all-reduced
-        # gradients, so alike on every rank) and then lowers its scale: a lower scale is the
-        # sign, the same on every rank, unlike this rank's own loss.
-        before = s.scale if s.scale is not None else s.scaler.get_scale()
-        s.scaler.step(s.optimizer)
-        s.scaler.update()
-        s.scale = s.scaler.get_scale()  # the one host read of the step
-        finite = s.scale >= before
-    else:
-        # One host read per step: a non-finite step must never reach the weights. Under DDP
-        # a NaN loss on one rank poisons the averaged gradients of all; the all-reduced grad
-        # of a head parameter is the same everywhere, so every rank skips (or steps) alike.
-        check = loss_sum
-        if s.probe is not None and s.probe.grad is not None:
-            head = s.probe.grad.sum()  # also catches a finite loss with non-finite gradients
-            check = head if s.dist.enabled else check + head
-        finite = bool(torch.isfinite(check))
-        if finite:
-            s.optimizer.step()
-    s.optimizer.zero_grad(set_to_none=True)
-    if finite:
-        meter.sums += step_meter.sums
-        s.bad_steps = 0
-    else:
-        s.restore_buffers()
-        s.bad_steps += 1
-        # fp16: the scaler halves its scale at each overflow, from 2^16; allow it that many
-        # skips in a row to find its level before a run of them counts as divergence.
-        if s.bad_steps >= s.max_bad_steps + (SCALER_CALIBRATION if s.scaler else 0):
-            raise NonFiniteLoss(f"{s.bad_steps} consecutive non-finite losses")
-    return finite
-
-
-def _feed_train_error(s: Stepper, meter: Meter, step: int) -> None:
-    """Tell the schedule the training error of the steps since the last call (all ranks)."""
-    now = meter.sums.clone()
-    recent = now - s.error_mark if s.error_mark is not None and \
-        s.error_mark[3] <= now[3] else now
-    s.error_mark = now
-    _, c1, _, n = dist_utils.all_reduce_sum(recent.tolist(), s.device, s.dist)
-    if n > 0:
-        s.schedule.on_train_error(step, 1.0 - c1 / n)
-        # Once the low-lr phase is over it never returns: stop paying for the sync.
-        s.watch_train_error = s.schedule.state_dict().get("low_lr_ended_at") is None
+def _hits(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 and top-5 correct counts (float64 device scalars)."""
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hit = top5 == y.unsqueeze(1)
+    return hit[:, 0].sum().double(), hit.any(1).sum().double()
 
 
 def view_scorer(protocol: str, crop: int, scales=(), flip: bool = False):
@@ -244,53 +230,53 @@ def view_scorer(protocol: str, crop: int, scales=(), flip: bool = False):
     if protocol == "center":
         return None
 
-    def score(model: nn.Module, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    def score(model: nn.Module, x: torch.Tensor, runtime: Runtime) -> torch.Tensor:
         if protocol == "ten_crop" and x.dim() == 5:
             n, v = x.shape[:2]
-            flat = x.flatten(0, 1)
-            if channels_last:
-                flat = flat.contiguous(memory_format=torch.channels_last)
-            probs = F.softmax(model(flat).float(), dim=1)
+            probs = F.softmax(model(runtime.layout(x.flatten(0, 1))).float(), dim=1)
             return probs.view(n, v, -1).mean(1).log()
         total = None
         views = eval_views(x, protocol, crop, scales, flip)
         for view in views:
-            if channels_last:
-                view = view.contiguous(memory_format=torch.channels_last)
-            p = F.softmax(model(view).float(), dim=1)
+            p = F.softmax(model(runtime.layout(view)).float(), dim=1)
             total = p if total is None else total + p
         return (total / len(views)).log()
 
     return score
 
 
+def scorer_for(val_cfg):
+    """The view scorer of a ``data.val`` config section."""
+    return view_scorer(val_cfg.protocol, val_cfg.crop, val_cfg.scales, val_cfg.flip)
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, prep, device: torch.device, amp_dtype, channels_last: bool,
-             info: dist_utils.DistInfo, views=None) -> dict[str, float]:
+def evaluate(model: nn.Module, loader, prep, runtime: Runtime, info: dist_utils.DistInfo,
+             views=None, stop=None) -> dict | None:
     """Loss, top-1, top-5 and N over the whole split; every image counted exactly once.
 
-    ``views`` (optional) maps a prepared batch to (V*N, C, H, W) views whose softmax outputs
-    are averaged per image (10-crop, multi-scale).
+    ``views`` (optional) maps a prepared batch to per-image log mean softmax over its views
+    (10-crop, multi-scale). ``stop(i)``, asked before batch i, ends the pass early (None is
+    returned): it must answer alike on every rank.
     """
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    for x, y in loader.batches(0, 0):
-        x, y = _to_device(x, y, device)
-        x = prep(x)
-        with autocast:
+    sums = torch.zeros(4, dtype=torch.float64, device=runtime.device)
+    batches = loader.batches(0, 0)
+    for i, (x, y) in enumerate(batches):
+        if stop is not None and stop(i):
+            if hasattr(batches, "close"):  # release a loader iterator left midway
+                batches.close()
+            return None
+        x = prep(x.to(runtime.device, non_blocking=True))
+        y = y.to(runtime.device, non_blocking=True)
+        with runtime.autocast():
             if views is None:
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                logits = model(x).float()
-                logp = F.log_softmax(logits, dim=1)
+                logp = F.log_softmax(model(runtime.layout(x)).float(), dim=1)
             else:
-                logp = views(model, x, channels_last)
-        loss = F.nll_loss(logp, y, reduction="sum")
-        top5 = logp.topk(min(5, logp.shape[1]), dim=1).indices
-        hit = top5 == y.unsqueeze(1)
-        sums += torch.stack([loss.double(), hit[:, 0].sum().double(), hit.any(1).sum().double(),
-                             torch.tensor(float(y.shape[0]), dtype=torch.float64, device=device)])
-    loss, c1, c5, n = dist_utils.all_reduce_sum(sums.tolist(), device, info)
-    n_safe = max(n, 1.0)
-    return {"loss": loss / n_safe, "top1": c1 / n_safe, "top5": c5 / n_safe, "n": int(n)}
+                logp = views(model, x, runtime)
+        c1, c5 = _hits(logp, y)
+        loss = F.nll_loss(logp, y, reduction="sum").double()
+        sums += torch.stack([loss, c1, c5, torch.full_like(loss, y.shape[0])])
+    loss, c1, c5, n = dist_utils.all_reduce_sum(sums.tolist(), runtime.device, info)
+    per = max(n, 1.0)
+    return {"loss": loss / per, "top1": c1 / per, "top5": c5 / per, "n": int(n)}

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import sys
-import time
 
 from tqdm import tqdm
 
@@ -20,23 +19,22 @@ def say(msg: str) -> None:
 class RunLogger:
     """Rank 0's writer of metrics.jsonl and TensorBoard scalars; inert on other ranks."""
 
-    def __init__(self, run_dir: str, enabled: bool, resume_step: int = 0,
-                 resume_epoch: int | None = None):
+    def __init__(self, run_dir: str, enabled: bool, resume_step: int | None = None):
         self.enabled = enabled
         self.tb = None
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         if not enabled:
             return
-        if resume_epoch is not None:
-            self._drop_after(resume_epoch)
+        if resume_step is not None:
+            self._drop_after(resume_step)
         from torch.utils.tensorboard import SummaryWriter
         # purge_step hides events from steps that a resumed run repeats; events are logged
         # at the global step reached, so those at resume_step itself are kept.
         self.tb = SummaryWriter(os.path.join(run_dir, "tb"),
-                                purge_step=resume_step + 1 if resume_step > 0 else None)
+                                purge_step=resume_step + 1 if resume_step else None)
 
-    def _drop_after(self, epoch: int) -> None:
-        """Forget metric lines of epochs that the resumed run will train again."""
+    def _drop_after(self, step: int) -> None:
+        """Forget metric lines past global step ``step``: the resumed run writes them again."""
         if not os.path.exists(self.metrics_path):
             return
         with open(self.metrics_path, encoding="utf-8") as fh:
@@ -47,7 +45,7 @@ class RunLogger:
                 rec = json.loads(ln)
             except json.JSONDecodeError:
                 continue  # a line torn by a crash
-            if rec.get("kind", "epoch") != "epoch" or rec.get("epoch", -1) < epoch:
+            if rec.get("global_step", 0) <= step:
                 keep.append(json.dumps(rec) + "\n")
         tmp = self.metrics_path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -76,32 +74,32 @@ class RunLogger:
 
 
 class Progress:
-    """Per-epoch progress: a tqdm bar on a terminal, a plain line every N steps otherwise."""
+    """Per-epoch progress: a tqdm bar on a terminal, a plain line at each log point otherwise.
 
-    def __init__(self, mode: str, enabled: bool, every: int):
+    ``tick`` (every step) only moves the bar; ``show`` (at log points, where the trainer has
+    read its meters anyway) prints values, so progress never costs a device sync.
+    """
+
+    def __init__(self, mode: str, enabled: bool):
         if mode == "auto":
             mode = "bar" if sys.stdout.isatty() else "lines"
         self.mode = mode if enabled else "none"
-        self.every = every
         self.bar = None
-        self.t0 = time.perf_counter()
+        self.epoch, self.total = 0, 0
 
     def start(self, epoch: int, total: int, start: int) -> None:
+        self.close()
         self.epoch, self.total = epoch, total
-        self.t0, self.n0 = time.perf_counter(), start
         if self.mode == "bar":
             self.bar = tqdm(total=total, initial=start, desc=f"epoch {epoch}", dynamic_ncols=True,
                             leave=False, file=sys.stdout)
 
-    def wants(self, step: int) -> bool:
-        """Whether the values for ``step`` will be shown (so the caller reads them only then)."""
-        if self.mode == "bar":
-            return step % max(1, min(self.every, 10)) == 0 or step == self.total
-        return self.mode == "lines" and (step % self.every == 0 or step == self.total)
+    def tick(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
 
-    def update(self, step: int, values: dict[str, float]) -> None:
-        if self.mode == "bar" and self.bar is not None:
-            self.bar.n = step
+    def show(self, step: int, values: dict[str, float]) -> None:
+        if self.bar is not None:
             self.bar.set_postfix({k: _fmt(v) for k, v in values.items()}, refresh=True)
         elif self.mode == "lines":
             body = " ".join(f"{k} {_fmt(v)}" for k, v in values.items())

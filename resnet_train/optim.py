@@ -51,11 +51,42 @@ def base_lr(cfg: Config) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
-    """SGD with momentum / Nesterov and (optionally selective) weight decay at base_lr(cfg)."""
+    """SGD with momentum / Nesterov and (optionally selective) weight decay at base_lr(cfg).
+
+    Fused: the fused kernel honours a device-side ``found_inf`` flag, so a non-finite step
+    is skipped without the host waiting for the device (engine.TrainStep). The momentum
+    buffers start as zeros rather than being created by the first step: a skipped first step
+    would otherwise leave the fused kernel's uninitialised buffers behind. With dampening 0,
+    0.9 x 0 + g is exactly SGD's first-step buffer g, so the trajectory is unchanged.
+    """
     o = cfg.optim  # config validation already refused nesterov without momentum
     groups = param_groups(model, o.weight_decay, o.no_decay_bn_bias)
-    return torch.optim.SGD(groups, lr=base_lr(cfg), momentum=o.momentum, nesterov=o.nesterov,
-                           weight_decay=o.weight_decay)
+    optimizer = torch.optim.SGD(groups, lr=base_lr(cfg), momentum=o.momentum,
+                                nesterov=o.nesterov, weight_decay=o.weight_decay, fused=True)
+    if o.momentum:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(
+                    p, memory_format=torch.preserve_format)
+    return optimizer
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a saved optimizer state, keeping this config's hyper-parameters.
+
+    ``Optimizer.load_state_dict`` restores the saved groups' momentum, weight decay and
+    Nesterov flag too; the resume check (config.resume_changes) has refused any change the
+    user did not allow, so what is configured now is what must run.
+    """
+    configured = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                  for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, keep in zip(optimizer.param_groups, configured):
+        group.update(keep)
+    if any(g["momentum"] for g in optimizer.param_groups):
+        for group in optimizer.param_groups:  # e.g. momentum allowed to change from 0
+            for p in group["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
@@ -105,7 +136,47 @@ SCHEDULES: dict[str, Callable[["LRSchedule", int], float]] = {
 }
 
 _STATE_KEYS = ("plateau_factor", "plateau_best", "plateau_bad_epochs", "plateau_last_epoch",
-               "low_lr_ended_at")
+               "low_lr_ended_at", "low_lr_window")
+
+
+class LowLRWarmup:
+    """He et al. 2015, sec. 4.2 (ResNet-110): lr x ``factor`` until the training error is
+    below ``threshold``, then the normal schedule (whose step count is not shifted).
+
+    The training error is that of the last ``CHECK_EVERY`` optimizer steps over all ranks:
+    ``window`` sums (correct top-1, images) on the device and is read, all-reduced, every
+    ``CHECK_EVERY`` steps while the low phase lasts; then the phase is over for good and
+    costs nothing more.
+    """
+
+    CHECK_EVERY = 5
+
+    def __init__(self, threshold: float | None, factor: float, device: torch.device | str):
+        self.threshold, self.factor = threshold, factor
+        self.ended_at: int | None = None  # first iteration at the normal lr
+        self.window = torch.zeros(2, dtype=torch.float64, device=device)
+
+    @property
+    def watching(self) -> bool:
+        return self.threshold is not None and self.ended_at is None
+
+    def factor_at(self, step: int) -> float:
+        if self.threshold is None or (self.ended_at is not None and step >= self.ended_at):
+            return 1.0
+        return self.factor
+
+    def observe(self, step: int, stats: torch.Tensor, reduce) -> None:
+        """After iteration ``step``: add its engine.STATS; every CHECK_EVERY steps compare
+        the window's error (``reduce`` sums a list of floats over ranks)."""
+        if not self.watching:
+            return
+        self.window += stats[1:4:2]  # correct1, n
+        if (step + 1) % self.CHECK_EVERY:
+            return
+        correct, n = reduce(self.window.tolist())
+        self.window.zero_()
+        if n > 0 and 1.0 - correct / n < self.threshold:
+            self.ended_at = step + 1
 
 
 class LRSchedule:
@@ -130,8 +201,8 @@ class LRSchedule:
         self.plateau_best = math.inf
         self.plateau_bad_epochs = 0
         self.plateau_last_epoch = -1
-        # ResNet-110 warm-up: first iteration at the normal lr, None while still low.
-        self.low_lr_ended_at: int | None = None
+        self.low_lr = LowLRWarmup(self.cfg.low_lr_until_error, self.cfg.low_lr_factor,
+                                  optimizer.param_groups[0]["params"][0].device)
 
     def warmup_factor(self, step: int) -> float:
         """LinearLR(start_factor, 1.0, total_iters=warm-up steps) at iteration `step`."""
@@ -140,17 +211,9 @@ class LRSchedule:
         start = self.cfg.warmup_start_factor
         return start + (1.0 - start) * step / self.warmup_steps
 
-    def low_lr_factor(self, step: int) -> float:
-        """low_lr_factor while the ResNet-110 warm-up is on at `step`, else 1."""
-        if self.cfg.low_lr_until_error is None:
-            return 1.0
-        if self.low_lr_ended_at is not None and step >= self.low_lr_ended_at:
-            return 1.0
-        return self.cfg.low_lr_factor
-
     def lr_at(self, step: int) -> float:
         """The lr for global optimizer iteration `step` (0-based), given the current state."""
-        return self._schedule(self, step) * self.warmup_factor(step) * self.low_lr_factor(step)
+        return self._schedule(self, step) * self.warmup_factor(step) * self.low_lr.factor_at(step)
 
     def apply(self, step: int) -> float:
         """Set the lr of every param group for iteration `step`; return it."""
@@ -175,19 +238,21 @@ class LRSchedule:
             self.plateau_factor *= self.cfg.gamma
             self.plateau_bad_epochs = 0
 
-    def on_train_error(self, step: int, train_error: float) -> None:
-        """ResNet-110 warm-up: once the running train error (a fraction) measured up to and
-        including iteration `step` is below schedule.low_lr_until_error, iterations from
-        step + 1 on use the normal schedule (whose step count is not shifted)."""
-        threshold = self.cfg.low_lr_until_error
-        if threshold is None or self.low_lr_ended_at is not None:
-            return
-        if train_error < threshold:
-            self.low_lr_ended_at = step + 1
+    def observe(self, step: int, stats: torch.Tensor, reduce) -> None:
+        """After iteration ``step`` with engine.STATS ``stats``: feeds the ResNet-110 warm-up."""
+        self.low_lr.observe(step, stats, reduce)
+
+    def local_sums(self) -> list[torch.Tensor]:
+        """Rank-local device sums in the state (TrainState reduces them before a save)."""
+        return [self.low_lr.window]
 
     def state_dict(self) -> dict:
         """Plain Python data (loadable with torch.load(weights_only=True))."""
-        return {k: getattr(self, k) for k in _STATE_KEYS}
+        return {"plateau_factor": self.plateau_factor, "plateau_best": self.plateau_best,
+                "plateau_bad_epochs": self.plateau_bad_epochs,
+                "plateau_last_epoch": self.plateau_last_epoch,
+                "low_lr_ended_at": self.low_lr.ended_at,
+                "low_lr_window": self.low_lr.window.tolist()}
 
     def load_state_dict(self, d: dict) -> None:
         missing = [k for k in _STATE_KEYS if k not in d]
@@ -198,4 +263,5 @@ class LRSchedule:
         self.plateau_bad_epochs = int(d["plateau_bad_epochs"])
         self.plateau_last_epoch = int(d["plateau_last_epoch"])
         ended = d["low_lr_ended_at"]
-        self.low_lr_ended_at = None if ended is None else int(ended)
+        self.low_lr.ended_at = None if ended is None else int(ended)
+        self.low_lr.window.copy_(torch.tensor(d["low_lr_window"], dtype=torch.float64))

@@ -194,7 +194,7 @@ def race(name: str, base, mine, epochs: int, rounds: int) -> float:
     main_cpu, work_cpu = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0.0)
     e = 0
     for _ in range(rounds):
-        for key, fn in zip(keys, (base, mine)):
+        for key, fn in zip(keys, (base, mine), strict=True):
             for _ in range(epochs):
                 pids = fn.pids()
                 m0, w0, t0 = time.process_time(), _cpu_seconds(pids), time.perf_counter()

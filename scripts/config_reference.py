@@ -6,19 +6,24 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from resnet_train.config import _default_of, _yaml_scalar, iter_keys, type_name  # noqa: E402
+from resnet_train.config import (RESUME_CLASSES, _default_of, _yaml_scalar, iter_keys,  # noqa: E402
+                                 type_name)
 
 PIPE = "\\|"  # a literal pipe inside a markdown table cell
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 
 
 def reference() -> str:
-    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    rows = ["| key | type | default | on resume | meaning |",
+            "| --- | --- | --- | --- | --- |"]
     for key, tp, f in iter_keys():
         default = _yaml_scalar(_default_of(f)).replace("|", PIPE)
         kind = type_name(tp).replace("|", " " + PIPE + " ")
-        rows.append(f"| `{key}` | {kind} | `{default}` | {f.metadata['help']} |")
-    return "\n".join(rows)
+        resume = RESUME_CLASSES[f.metadata["resume"]].label
+        rows.append(f"| `{key}` | {kind} | `{default}` | {resume} | {f.metadata['help']} |")
+    legend = ["", "On resume (a checkpoint's stored config against the new one):", ""]
+    legend += [f"- **{c.label}**: {c.meaning}" for c in RESUME_CLASSES.values()]
+    return "\n".join(rows + legend)
 
 
 def main() -> int:

@@ -36,3 +36,11 @@ def popen(module: str, *args, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", f"resnet_train.cli.{module}", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=full_env)
+
+
+def records(run_dir, kind: str = "epoch") -> list[dict]:
+    """metrics.jsonl lines of one kind ("epoch" or "step")."""
+    import json
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        recs = [json.loads(line) for line in fh if line.strip()]
+    return [r for r in recs if r.get("kind") == kind]

@@ -107,7 +107,7 @@ def test_sigterm_mid_epoch_saves_exits_and_resumes_bitwise(tmp_path, uninterrupt
     assert "received SIGTERM" in out
     mid = weights(run_dir)
     assert mid["epoch"] == 1 and 3 <= mid["step_in_epoch"] < 8
-    assert mid["partial"]["sums"][3] == 32 * mid["step_in_epoch"]  # images seen this epoch
+    assert mid["epoch_meter"]["sums"][3] == 32 * mid["step_in_epoch"]  # images seen this epoch
     r = cli("train", *args)
     assert r.returncode == 0, r.stderr
     assert f"resuming from {run_dir}/checkpoints/last.pt: epoch 1 step " in r.stdout
@@ -126,7 +126,7 @@ def test_kill_9_at_random_moments_never_loses_a_checkpoint(tmp_path):
     args = tiny(run_dir, "train.epochs=3", "checkpoint.every_steps=2", "checkpoint.every_epochs=1",
                 "checkpoint.keep_last=2", "run.log_every=1")
     rng = random.Random(0)
-    for trial in range(5):
+    for _ in range(5):
         proc = popen("train", *args)
         wait_for(proc, "step ")
         time.sleep(rng.uniform(0.0, 1.5))
@@ -167,8 +167,16 @@ def test_corrupt_newest_checkpoint_falls_back_under_auto(tmp_path):
 def test_mismatched_checkpoint_is_a_user_error(tmp_path):
     run_dir = str(tmp_path / "run")
     assert train_cli.main(tiny(run_dir, "train.epochs=1")) == 0
-    r = cli("train", *tiny(str(tmp_path / "other"), "model.width=8",
-                           f"checkpoint.resume={run_dir}/checkpoints/last.pt"))
+    seed = f"checkpoint.resume={run_dir}/checkpoints/last.pt"
+    # the config comparison refuses first, naming the key ...
+    r = cli("train", *tiny(str(tmp_path / "other"), "model.width=8", seed))
+    assert r.returncode == 2
+    line = r.stderr.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in line
+    assert "model.width: 4 -> 8" in line and "checkpoint.allow_changes=[model.width]" in line
+    # ... and when allowed, the weights still cannot fit: the shapes are named
+    r = cli("train", *tiny(str(tmp_path / "other"), "model.width=8", seed,
+                           "checkpoint.allow_changes=[model.width]"))
     assert r.returncode == 2
     line = r.stderr.strip()
     assert len(line.splitlines()) == 1 and "Traceback" not in line
@@ -214,13 +222,18 @@ def test_optimizer_mismatch_is_exit_2_and_keeps_the_run_config(tmp_path):
     assert train_cli.main(tiny(run_dir, "train.epochs=1")) == 0
     with open(os.path.join(run_dir, "config.yaml")) as fh:
         config_before = fh.read()
-    # one parameter group becomes two
+    # one parameter group becomes two: refused as a change, and when allowed, the saved
+    # optimizer state cannot fit
     r = cli("train", *tiny(run_dir, "train.epochs=2", "optim.no_decay_bn_bias=true"))
+    assert r.returncode == 2 and "optim.no_decay_bn_bias: false -> true" in r.stderr
+    r = cli("train", *tiny(run_dir, "train.epochs=2", "optim.no_decay_bn_bias=true",
+                           "checkpoint.allow_changes=[optim]"))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     line = r.stderr.strip()
     assert len(line.splitlines()) == 1
-    assert "last.pt: its optimizer/schedule state does not fit this config" in line
-    r = cli("train", *tiny(run_dir, "train.epochs=2", "model.width=8"))
+    assert "last.pt: its optimizer state does not fit this run" in line
+    r = cli("train", *tiny(run_dir, "train.epochs=2", "model.width=8",
+                           "checkpoint.allow_changes=all"))
     assert r.returncode == 2 and "does not fit the configured model" in r.stderr
     with open(os.path.join(run_dir, "config.yaml")) as fh:
         assert fh.read() == config_before  # a refused command changes nothing

@@ -60,7 +60,7 @@ def make_cifar10(root, per_batch=40, test=30, inside=False):
     for b in range(5):
         ids = np.arange(b * per_batch, (b + 1) * per_batch)
         lab = (ids * 7) % 10
-        labels.update(zip(ids.tolist(), lab.tolist()))
+        labels.update(zip(ids.tolist(), lab.tolist(), strict=True))
         dump_py2(os.path.join(d, f"data_batch_{b + 1}"), {
             b"batch_label": b"training batch %d of 5" % (b + 1), b"labels": lab.tolist(),
             b"data": images_for(ids), b"filenames": [b"f%d.png" % i for i in ids]})
@@ -78,10 +78,12 @@ def make_cifar100(root, n=60, test=20, inside=False):
     d = root if inside else os.path.join(root, "cifar-100-python")
     os.makedirs(d, exist_ok=True)
     ids = np.arange(n)
-    dump_py2(os.path.join(d, "train"), {b"data": images_for(ids), b"fine_labels": (ids % 100).tolist(),
+    dump_py2(os.path.join(d, "train"), {b"data": images_for(ids),
+                                        b"fine_labels": (ids % 100).tolist(),
                                         b"coarse_labels": (ids % 20).tolist()})
     ids = np.arange(1000, 1000 + test)
-    dump_py2(os.path.join(d, "test"), {b"data": images_for(ids), b"fine_labels": (ids % 100).tolist(),
+    dump_py2(os.path.join(d, "test"), {b"data": images_for(ids),
+                                       b"fine_labels": (ids % 100).tolist(),
                                        b"coarse_labels": (ids % 20).tolist()})
     dump_py2(os.path.join(d, "meta"), {b"fine_label_names": [b"c%d" % i for i in range(100)],
                                        b"coarse_label_names": [b"s%d" % i for i in range(20)]})
@@ -166,9 +168,9 @@ def test_augmented_batches_are_pad_crop_flips_of_the_images(tmp_path):
     b = build(cfg(tmp_path, train={"aug": "cifar"}))
     plain = build(cfg(tmp_path))
     flips, shifts = 0, set()
-    for (x, y), (x0, y0) in zip(b.train.batches(0), plain.train.batches(0)):
+    for (x, y), (x0, y0) in zip(b.train.batches(0), plain.train.batches(0), strict=True):
         assert torch.equal(y, y0)  # same images, same order
-        for a, src in zip(x, x0):
+        for a, src in zip(x, x0, strict=True):
             # every 32x32 window of the zero-padded source: (3, 9, 9, 32, 32)
             windows = F.pad(src, (4, 4, 4, 4)).unfold(1, 32, 1).unfold(2, 32, 1)
             matches = [(int(oy), int(ox), f) for f in (False, True) for oy, ox in
@@ -179,9 +181,11 @@ def test_augmented_batches_are_pad_crop_flips_of_the_images(tmp_path):
             shifts.add(matches[0][:2])
     assert 60 < flips < 132 and len(shifts) > 40  # of 192: both flips, many offsets
     again = build(cfg(tmp_path, train={"aug": "cifar"}))
-    assert all(torch.equal(p[0], q[0]) for p, q in zip(b.train.batches(3), again.train.batches(3)))
+    assert all(torch.equal(p[0], q[0])
+               for p, q in zip(b.train.batches(3), again.train.batches(3), strict=True))
     paper = build(cfg(tmp_path, train={"aug": "paper"}))  # paper = the CIFAR recipe here
-    assert all(torch.equal(p[0], q[0]) for p, q in zip(b.train.batches(1), paper.train.batches(1)))
+    assert all(torch.equal(p[0], q[0])
+               for p, q in zip(b.train.batches(1), paper.train.batches(1), strict=True))
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -204,7 +208,8 @@ def test_mid_epoch_start_is_the_tail(tmp_path):
     full = list(b.train.batches(5))
     tail = list(b.train.batches(5, start=9))
     assert len(tail) == 3
-    assert all(torch.equal(a[0], t[0]) and torch.equal(a[1], t[1]) for a, t in zip(full[9:], tail))
+    assert all(torch.equal(a[0], t[0]) and torch.equal(a[1], t[1])
+               for a, t in zip(full[9:], tail, strict=True))
 
 
 def test_pixel_mean_and_channel_normalisation(tmp_path):
@@ -229,7 +234,8 @@ def test_malformed_files_are_data_errors_naming_the_file(tmp_path):
         ({b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}, "shape"),
         ({b"data": np.zeros((4, 3072), np.float32), b"labels": [0] * 4}, "uint8"),
         ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2]}, "4 images but 3 labels"),
-        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, r"labels must be in \[0, 10\)"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]},
+         r"labels must be in \[0, 10\)"),
         ({b"labels": [0]}, "missing key 'data'"),
     ]
     for obj, msg in cases:

@@ -1,4 +1,4 @@
-"""Transforms: crop geometry, box resize vs resize-then-crop, device prep, eval views."""
+"""Crop geometry, box resize vs resize-then-crop (jpeg), device prep, eval views."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from resnet_train.data import transforms as T
+from resnet_train.data import geometry as G
+from resnet_train.data import jpeg as J
+from resnet_train.data import prep as P
+from resnet_train.data import views as V
 from resnet_train.data.sampling import mix_seed
 
 
@@ -42,8 +45,8 @@ def test_paper_box_resize_matches_resize_then_crop(tmp_path, seed, fmt, tol):
     path = tmp_path / f"img.{fmt}"
     smooth_image(500, 375, seed).save(path, quality=95)
     img = Image.open(path).convert("RGB")
-    choose = lambda w, h: T.crop_box_paper(w, h, (256, 480), 224, True, random.Random(seed))  # noqa: E731
-    ours = T.load_crop(str(path), choose)
+    choose = lambda w, h: G.crop_box_paper(w, h, (256, 480), 224, True, random.Random(seed))  # noqa: E731
+    ours = J.load_crop(str(path), choose)
     # The reference draws the same numbers in the same order: side, top, left, flip.
     rng = random.Random(seed)
     side = rng.randint(256, 480)
@@ -58,11 +61,11 @@ def test_paper_box_resize_matches_resize_then_crop(tmp_path, seed, fmt, tol):
 
 def test_jpeg_fast_path_falls_back_to_pil(tmp_path, monkeypatch):
     smooth_image(300, 200, 3).save(tmp_path / "a.jpg", quality=95)
-    choose = lambda w, h: T.crop_box_center(w, h, 180, 160)  # noqa: E731
-    fast = T.load_crop(str(tmp_path / "a.jpg"), choose)
-    assert T.jpeg_size(open(tmp_path / "a.jpg", "rb").read()) == (300, 200)
-    monkeypatch.setattr(T, "_jpeg_decoder", lambda: None)  # a torchvision without decoders
-    slow = T.load_crop(str(tmp_path / "a.jpg"), choose)
+    choose = lambda w, h: G.crop_box_center(w, h, 180, 160)  # noqa: E731
+    fast = J.load_crop(str(tmp_path / "a.jpg"), choose)
+    assert J.jpeg_size(open(tmp_path / "a.jpg", "rb").read()) == (300, 200)
+    monkeypatch.setattr(J, "_jpeg_decoder", lambda: None)  # a torchvision without decoders
+    slow = J.load_crop(str(tmp_path / "a.jpg"), choose)
     assert fast.shape == slow.shape == (160, 160, 3)
     assert diff(fast, slow) < 0.5
 
@@ -78,7 +81,7 @@ JPEG_FLAVOURS = {  # Pillow save options: chroma subsampling, progressive, resta
 
 
 def _full_decode(data: bytes) -> torch.Tensor:
-    return T._jpeg_decoder()(bytearray(data))
+    return J._jpeg_decoder()(bytearray(data))
 
 
 def keep_scans(data: bytes, n: int) -> bytes:
@@ -120,17 +123,17 @@ def test_partial_jpeg_decode_rows_are_bit_identical(tmp_path, flavour, capfd):
     else:
         img.save(tmp_path / "a.jpg", **JPEG_FLAVOURS[flavour])
     data = (tmp_path / "a.jpg").read_bytes()
-    w, h, at, mcu, extra = T._jpeg_sof(data)
+    w, h, at, mcu, extra = J._jpeg_sof(data)
     assert (w, h) == (301, 203) and int.from_bytes(data[at:at + 2], "big") == 203
     progressive = "progressive" in flavour or "refined" in flavour
     assert extra == (3 if progressive else 1)
     full = _full_decode(data)
     shortened = 0
     for y1 in range(1, h + 1):
-        rows = T.decode_rows(y1, h, mcu, extra)
+        rows = J.decode_rows(y1, h, mcu, extra)
         buf = bytearray(data)
         buf[at:at + 2] = rows.to_bytes(2, "big")
-        part = T._quietly(T._jpeg_decoder(), buf)
+        part = J._quietly(J._jpeg_decoder(), buf)
         assert part.shape == (3, rows, w)
         assert torch.equal(part[:, :y1], full[:, :y1]), (flavour, y1)
         shortened += rows < h
@@ -146,14 +149,14 @@ def test_partly_refined_progressive_jpeg_needs_the_wider_margin(tmp_path):
         0, 255).astype(np.uint8))
     img.save(tmp_path / "full.jpg", "JPEG", quality=85, progressive=True, subsampling=0)
     data = keep_scans((tmp_path / "full.jpg").read_bytes(), 2)
-    w, h, at, mcu, _ = T._jpeg_sof(data)
+    w, h, at, mcu, _ = J._jpeg_sof(data)
     full = _full_decode(data)
     differs = 0
     for y1 in range(1, h - 3 * mcu):
-        rows = T.decode_rows(y1, h, mcu, 1)
+        rows = J.decode_rows(y1, h, mcu, 1)
         b = bytearray(data)
         b[at:at + 2] = rows.to_bytes(2, "big")
-        differs += not torch.equal(T._quietly(T._jpeg_decoder(), b)[:, :y1], full[:, :y1])
+        differs += not torch.equal(J._quietly(J._jpeg_decoder(), b)[:, :y1], full[:, :y1])
     assert differs > 0
 
 
@@ -161,20 +164,20 @@ def test_load_crop_decodes_only_down_to_the_box(tmp_path, monkeypatch, capfd):
     smooth_image(500, 375, 6).save(tmp_path / "a.jpg", quality=90)
     path = str(tmp_path / "a.jpg")
     top = lambda w, h: ((100.0, 10.0, 300.0, 130.0), (224, 224), True)  # noqa: E731
-    in_main = T.load_crop(path, top)  # outside a loader worker: the whole frame
-    monkeypatch.setattr(T, "_in_worker", lambda: True)
+    in_main = J.load_crop(path, top)  # outside a loader worker: the whole frame
+    monkeypatch.setattr(J, "_in_worker", lambda: True)
     heights = []
-    real = T._jpeg_decoder()
-    monkeypatch.setattr(T, "_jpeg_decoder", lambda: lambda buf: heights.append(
-        int.from_bytes(buf[T._jpeg_sof(buf)[2]:T._jpeg_sof(buf)[2] + 2], "big")) or real(buf))
+    real = J._jpeg_decoder()
+    monkeypatch.setattr(J, "_jpeg_decoder", lambda: lambda buf: heights.append(
+        int.from_bytes(buf[J._jpeg_sof(buf)[2]:J._jpeg_sof(buf)[2] + 2], "big")) or real(buf))
     bottom = lambda w, h: ((100.0, 200.0, 300.0, 375.0), (224, 224), False)  # noqa: E731
-    got_top, got_bottom = T.load_crop(path, top), T.load_crop(path, bottom)
+    got_top, got_bottom = J.load_crop(path, top), J.load_crop(path, bottom)
     assert heights == [160, 375]  # 130 -> its MCU row ends at 144, + one MCU row; capped at h
     assert np.array_equal(got_top, in_main)
     # Same pixels as the whole-image decode.
-    monkeypatch.setattr(T, "decode_rows", lambda y1, h, mcu, extra: h)
-    assert np.array_equal(got_top, T.load_crop(path, top))
-    assert np.array_equal(got_bottom, T.load_crop(path, bottom))
+    monkeypatch.setattr(J, "decode_rows", lambda y1, h, mcu, extra: h)
+    assert np.array_equal(got_top, J.load_crop(path, top))
+    assert np.array_equal(got_bottom, J.load_crop(path, bottom))
     print("stderr still works")
     err = capfd.readouterr().err
     assert "Corrupt JPEG" not in err and "stderr still works" not in err  # print -> stdout
@@ -184,25 +187,25 @@ def test_load_crop_decodes_only_down_to_the_box(tmp_path, monkeypatch, capfd):
 
 
 def test_truncated_jpeg_fails_whatever_the_box(tmp_path, monkeypatch):
-    monkeypatch.setattr(T, "_in_worker", lambda: True)
+    monkeypatch.setattr(J, "_in_worker", lambda: True)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), np.uint8))
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=90)
     (tmp_path / "t.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) * 3 // 4])
     heights = []
-    real = T._jpeg_decoder()
-    monkeypatch.setattr(T, "_jpeg_decoder", lambda: lambda b: heights.append(
-        int.from_bytes(b[T._jpeg_sof(b)[2]:T._jpeg_sof(b)[2] + 2], "big")) or real(b))
+    real = J._jpeg_decoder()
+    monkeypatch.setattr(J, "_jpeg_decoder", lambda: lambda b: heights.append(
+        int.from_bytes(b[J._jpeg_sof(b)[2]:J._jpeg_sof(b)[2] + 2], "big")) or real(b))
     for box in [(0.0, 0.0, 100.0, 40.0), (0.0, 150.0, 100.0, 200.0)]:  # top, bottom
         with pytest.raises(OSError, match="truncated"):
-            T.load_crop(str(tmp_path / "t.jpg"), lambda w, h: (box, (50, 50), False))
+            J.load_crop(str(tmp_path / "t.jpg"), lambda w, h, box=box: (box, (50, 50), False))
     assert heights == [200, 200]  # never shortened: no end-of-image marker
 
 
 def test_center_box_matches_torchvision_resize_center_crop(tmp_path):
     img = smooth_image(333, 500, 1)  # portrait
     img.save(tmp_path / "p.png")
-    ours = T.load_crop(str(tmp_path / "p.png"), lambda w, h: T.crop_box_center(w, h, 256, 224))
+    ours = J.load_crop(str(tmp_path / "p.png"), lambda w, h: G.crop_box_center(w, h, 256, 224))
     ref = TF.center_crop(TF.resize(img, 256), 224)
     assert ours.shape == (224, 224, 3)
     assert diff(ours, ref) < 0.05
@@ -217,14 +220,14 @@ def test_jpeg_draft_when_box_shrinks_2x(tmp_path, monkeypatch):
     real = JpegImagePlugin.JpegImageFile.draft
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
                         lambda self, mode, size: calls.append(size) or real(self, mode, size))
-    choose = lambda w, h: T.crop_box_center(w, h, 256, 224)  # noqa: E731  shrink 900/256 = 3.5x
-    drafted = T.load_crop(str(tmp_path / "big.jpg"), choose)
-    exact = T.load_crop(str(tmp_path / "big.png"), choose)
+    choose = lambda w, h: G.crop_box_center(w, h, 256, 224)  # noqa: E731  shrink 900/256 = 3.5x
+    drafted = J.load_crop(str(tmp_path / "big.jpg"), choose)
+    exact = J.load_crop(str(tmp_path / "big.png"), choose)
     assert calls == [(400, 300)]  # k = 3: at most 3x smaller, so libjpeg decodes at 1/2
     assert drafted.shape == exact.shape == (224, 224, 3)
     assert diff(drafted, exact) < 2.0
     calls.clear()  # a box that shrinks < 2x decodes at full size
-    T.load_crop(str(tmp_path / "big.jpg"), lambda w, h: T.crop_box_center(w, h, 600, 224))
+    J.load_crop(str(tmp_path / "big.jpg"), lambda w, h: G.crop_box_center(w, h, 600, 224))
     assert calls == []
 
 
@@ -232,7 +235,7 @@ def test_paper_scale_crop_flip_ranges():
     w, h, crop = 500, 375, 224
     sides, flips, x0s, x1s = [], [], [], []
     for i in range(3000):
-        (x0, y0, x1, y1), size, flip = T.crop_box_paper(w, h, (256, 480), crop, True,
+        (x0, y0, x1, y1), size, flip = G.crop_box_paper(w, h, (256, 480), crop, True,
                                                         random.Random(mix_seed(1, 0, i)))
         assert size == (crop, crop)
         assert -1e-9 <= x0 < x1 <= w + 1e-9 and -1e-9 <= y0 < y1 <= h + 1e-9
@@ -252,7 +255,7 @@ def test_random_resized_crop_ranges():
     w, h = 400, 300
     areas, ratios, flips = [], [], []
     for i in range(2000):
-        (x0, y0, x1, y1), size, flip = T.crop_box_rrc(w, h, (0.08, 1.0), (3 / 4, 4 / 3), 224,
+        (x0, y0, x1, y1), size, flip = G.crop_box_rrc(w, h, (0.08, 1.0), (3 / 4, 4 / 3), 224,
                                                       True, random.Random(i))
         assert size == (224, 224) and 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
         areas.append((x1 - x0) * (y1 - y0) / (w * h))
@@ -269,34 +272,35 @@ def test_random_resized_crop_ranges():
 def test_prep_normalises_like_the_formula():
     x = torch.randint(0, 256, (4, 3, 5, 6), dtype=torch.uint8)
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
-    out = T.DevicePrep(mean, std)(x)
-    ref = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    out = P.DevicePrep(mean, std)(x)
+    ref = ((x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1))
+           / torch.tensor(std).view(1, 3, 1, 1))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert x.dtype == torch.uint8  # input untouched
     xf = x.float()
-    T.DevicePrep(mean, None)(xf)
+    P.DevicePrep(mean, None)(xf)
     assert torch.equal(xf, x.float())  # a float input is not modified in place either
 
 
 def test_pca_lighting_equals_per_image_loop():
     x = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    prep = T.DevicePrep(mean, std, pca_alpha=0.1)
+    prep = P.DevicePrep(mean, std, pca_alpha=0.1)
     out = prep(x, torch.Generator().manual_seed(5))
     alpha = torch.randn(6, 3, generator=torch.Generator().manual_seed(5)) * 0.1
-    eigval, eigvec = torch.tensor(T.IMAGENET_EIGVAL), torch.tensor(T.IMAGENET_EIGVEC)
+    eigval, eigvec = torch.tensor(P.IMAGENET_EIGVAL), torch.tensor(P.IMAGENET_EIGVEC)
     for i in range(6):
         rgb = sum(eigvec[:, j] * alpha[i, j] * eigval[j] for j in range(3))  # AlexNet eq.
         ref = (x[i].float() / 255 + rgb.view(3, 1, 1) - torch.tensor(mean).view(3, 1, 1)) \
             / torch.tensor(std).view(3, 1, 1)
         torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(out, T.DevicePrep(mean, std)(x))  # lighting did something
+    assert not torch.allclose(out, P.DevicePrep(mean, std)(x))  # lighting did something
 
 
 def test_prep_channels_last_fast_path_equals_contiguous():
     x = torch.randint(0, 256, (3, 3, 7, 9), dtype=torch.uint8)
     for mean in [(0.3, 0.4, 0.5), torch.rand(3, 7, 9)]:
-        prep = T.DevicePrep(mean, (0.2, 0.25, 0.3), pca_alpha=0.1)
+        prep = P.DevicePrep(mean, (0.2, 0.25, 0.3), pca_alpha=0.1)
         a = prep(x, torch.Generator().manual_seed(1))
         b = prep(x.contiguous(memory_format=torch.channels_last), torch.Generator().manual_seed(1))
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
@@ -305,7 +309,7 @@ def test_prep_channels_last_fast_path_equals_contiguous():
 
 def test_prep_reuse_output_writes_one_buffer_per_shape():
     mean, std = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)
-    fresh, reuse = T.DevicePrep(mean, std, pca_alpha=0.1), T.DevicePrep(mean, std, pca_alpha=0.1,
+    fresh, reuse = P.DevicePrep(mean, std, pca_alpha=0.1), P.DevicePrep(mean, std, pca_alpha=0.1,
                                                                         reuse_output=True)
     x1 = torch.randint(0, 256, (4, 7, 9, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # NHWC memory
     x2 = torch.randint(0, 256, (4, 7, 9, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
@@ -322,17 +326,17 @@ def test_prep_reuse_output_writes_one_buffer_per_shape():
     d1 = fresh(x1)
     assert fresh(x1).data_ptr() != d1.data_ptr()
     # First made under inference mode (evaluate), then written outside it (block-norm logging).
-    val = T.DevicePrep(mean, std, reuse_output=True)
+    val = P.DevicePrep(mean, std, reuse_output=True)
     with torch.inference_mode():
         inside = val(x1)
     assert not inside.is_inference()
-    torch.testing.assert_close(val(x2), T.DevicePrep(mean, std)(x2), atol=0, rtol=0)
+    torch.testing.assert_close(val(x2), P.DevicePrep(mean, std)(x2), atol=0, rtol=0)
 
 
 def test_pixel_mean_prep_resizes_mean_for_other_sizes():
     mean = torch.full((3, 8, 8), 0.5)
     mean[0] = 0.25
-    prep = T.DevicePrep(mean, None)
+    prep = P.DevicePrep(mean, None)
     out = prep(torch.full((1, 3, 16, 12), 255, dtype=torch.uint8))
     assert out.shape == (1, 3, 16, 12)
     torch.testing.assert_close(out[0, 0], torch.full((16, 12), 0.75))
@@ -341,7 +345,7 @@ def test_pixel_mean_prep_resizes_mean_for_other_sizes():
 
 def test_color_jitter_matches_torchvision_per_image():
     x = torch.randint(0, 256, (5, 3, 6, 6), dtype=torch.uint8)
-    out = T.color_jitter(x.float(), 0.4, torch.Generator().manual_seed(3))
+    out = P.color_jitter(x.float(), 0.4, torch.Generator().manual_seed(3))
     f = 1 + (torch.rand(5, 3, generator=torch.Generator().manual_seed(3)) * 2 - 1) * 0.4
     for i in range(5):
         ref = x[i].float() / 255
@@ -349,8 +353,8 @@ def test_color_jitter_matches_torchvision_per_image():
         ref = TF.adjust_contrast(ref, float(f[i, 1]))
         ref = TF.adjust_saturation(ref, float(f[i, 2]))
         torch.testing.assert_close(out[i] / 255, ref, atol=1e-4, rtol=0)
-    same = T.DevicePrep((0.5,) * 3, None, color_jitter=0.0)(x)
-    jit = T.DevicePrep((0.5,) * 3, None, color_jitter=0.4)(x, torch.Generator().manual_seed(3))
+    same = P.DevicePrep((0.5,) * 3, None, color_jitter=0.0)(x)
+    jit = P.DevicePrep((0.5,) * 3, None, color_jitter=0.4)(x, torch.Generator().manual_seed(3))
     assert not torch.allclose(same, jit)
 
 
@@ -359,21 +363,21 @@ def test_color_jitter_matches_torchvision_per_image():
 
 def test_pad_crop_flip_gather_equals_loop_and_ranges():
     images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)
-    store = T.PadCropFlip(images, pad=2, flip=True)
+    store = P.PadCropFlip(images, pad=2, flip=True)
     idx = torch.tensor([3, 0, 19, 7, 7, 11])
-    oy, ox, fl = T.pad_crop_flip_params(6, 2, True, torch.Generator().manual_seed(0))
+    oy, ox, fl = P.pad_crop_flip_params(6, 2, True, torch.Generator().manual_seed(0))
     fl = torch.tensor([True, False, True, False, True, True])
     out = store(idx, oy, ox, fl)
-    assert torch.equal(out, T.pad_crop_flip(images[idx], oy, ox, fl, 2))
+    assert torch.equal(out, P.pad_crop_flip(images[idx], oy, ox, fl, 2))
     # zero padding shows: an offset-0 crop has zero top rows/left columns
     out0 = store(torch.tensor([0]), torch.tensor([0]), torch.tensor([0]), torch.tensor([False]))
     assert out0[0, :, :2].eq(0).all() and out0[0, :, :, :2].eq(0).all()
     assert torch.equal(out0[0, :, 2:, 2:], images[0, :, :6, :6])
-    oy, ox, fl = T.pad_crop_flip_params(4000, 4, True, torch.Generator().manual_seed(1))
+    oy, ox, fl = P.pad_crop_flip_params(4000, 4, True, torch.Generator().manual_seed(1))
     assert oy.min() == 0 and oy.max() == 8 and ox.min() == 0 and ox.max() == 8
     assert abs(oy.float().mean().item() - 4) < 0.15
     assert abs(fl.float().mean().item() - 0.5) < 0.03
-    _, _, nofl = T.pad_crop_flip_params(100, 4, False, torch.Generator().manual_seed(1))
+    _, _, nofl = P.pad_crop_flip_params(100, 4, False, torch.Generator().manual_seed(1))
     assert not nofl.any()
 
 
@@ -382,46 +386,46 @@ def test_pad_crop_flip_gather_equals_loop_and_ranges():
 
 def test_ten_crop_count_and_order():
     x = torch.arange(2 * 3 * 6 * 8, dtype=torch.float32).view(2, 3, 6, 8)
-    v = T.ten_crop(x, 4)
+    v = V.ten_crop(x, 4)
     assert v.shape == (2, 10, 3, 4, 4)
     expect = [x[..., :4, :4], x[..., :4, 4:], x[..., 2:, :4], x[..., 2:, 4:], x[..., 1:5, 2:6]]
     for k in range(5):
         assert torch.equal(v[:, k], expect[k])
         assert torch.equal(v[:, k + 5], expect[k].flip(-1))
-    single = T.ten_crop(x[0], 4)  # CHW
+    single = V.ten_crop(x[0], 4)  # CHW
     assert single.shape == (10, 3, 4, 4) and torch.equal(single, v[0])
     pil = Image.fromarray(np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3))
-    pv = T.ten_crop(pil, 4)
+    pv = V.ten_crop(pil, 4)
     assert pv.shape == (10, 3, 4, 4) and pv.dtype == torch.uint8
     assert torch.equal(pv[1], torch.from_numpy(np.array(pil)).permute(2, 0, 1)[:, :4, 4:])
-    views = T.eval_views(x, "ten_crop", crop=4)
+    views = V.eval_views(x, "ten_crop", crop=4)
     assert len(views) == 10 and all(torch.equal(a, v[:, k]) for k, a in enumerate(views))
-    assert all(torch.equal(a, b) for a, b in zip(T.eval_views(v, "ten_crop"), views))
+    assert all(torch.equal(a, b) for a, b in zip(V.eval_views(v, "ten_crop"), views, strict=True))
 
 
 def test_multiscale_views_shapes_and_flips():
     x = torch.randint(0, 256, (1, 3, 375, 500), dtype=torch.uint8)
-    views = T.eval_views(x, "multiscale", scales=T.MULTI_SCALES)
+    views = V.eval_views(x, "multiscale", scales=V.MULTI_SCALES)
     assert [tuple(v.shape[-2:]) for v in views] == [
         (224, int(224 * 500 / 375)), (256, int(256 * 500 / 375)), (384, 512), (480, 640),
         (640, int(640 * 500 / 375))]
     assert all(v.dtype == torch.uint8 for v in views)
-    flipped = T.eval_views(x, "multiscale", scales=(256, 375), flip=True)
+    flipped = V.eval_views(x, "multiscale", scales=(256, 375), flip=True)
     assert len(flipped) == 4
     assert torch.equal(flipped[1], flipped[0].flip(-1))
     assert torch.equal(flipped[2], x)  # already at that scale: untouched
-    portrait = T.resize_short(torch.zeros(2, 3, 40, 30), 15)
+    portrait = V.resize_short(torch.zeros(2, 3, 40, 30), 15)
     assert portrait.shape == (2, 3, 20, 15)
-    c = T.eval_views(torch.zeros(1, 3, 10, 12), "center", crop=8)
+    c = V.eval_views(torch.zeros(1, 3, 10, 12), "center", crop=8)
     assert len(c) == 1 and c[0].shape == (1, 3, 8, 8)
     with pytest.raises(ValueError):
-        T.eval_views(x, "five_crop")
+        V.eval_views(x, "five_crop")
 
 
 def test_resize_short_is_antialiased_mean_preserving():
     x = torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8)
-    y = T.resize_short(x, 16)
+    y = V.resize_short(x, 16)
     assert y.shape == (1, 3, 16, 24)
     assert abs(y.float().mean() - x.float().mean()) < 1.0
-    assert math.isclose(T.resize_short(x.float(), 32).mean().item(), x.float().mean().item(),
+    assert math.isclose(V.resize_short(x.float(), 32).mean().item(), x.float().mean().item(),
                         abs_tol=0.5)

@@ -29,7 +29,8 @@ def colour(index: int, label: int) -> tuple[int, int, int]:
 def decode(x: torch.Tensor) -> list[tuple[int, int]]:
     """(index, label) of each solid-colour image of a uint8 batch."""
     m = x.float().mean(dim=(-1, -2)).round().long()
-    return [(int(r) // 16 + 16 * (int(g) // 16), (int(b) - 40 + 30) // 60) for r, g, b in m.tolist()]
+    return [(int(r) // 16 + 16 * (int(g) // 16), (int(b) - 40 + 30) // 60)
+            for r, g, b in m.tolist()]
 
 
 def make_split(root, split, counts: dict[str, int], start=0, fmt="PNG"):
@@ -88,7 +89,7 @@ def test_classes_sorted_labels_match_folders(tree):
     assert sorted(seen) == list(range(24))  # each image exactly once per epoch
     val = epoch(b.val)
     assert [x.shape[0] for x, _ in val] == [7]
-    assert decode(val[0][0]) == list(zip(range(24, 31), val[0][1].tolist()))
+    assert decode(val[0][0]) == list(zip(range(24, 31), val[0][1].tolist(), strict=True))
     assert val[0][1].tolist() == [0, 0, 1, 1, 2, 2, 2]  # in order: ant, moth, zebra
 
 
@@ -97,7 +98,7 @@ def test_order_follows_the_epoch_permutation_and_is_deterministic(tree):
     a, b = build(c), build(c)
     e0, e0_again, e1 = epoch(a.train, 0), epoch(b.train, 0), epoch(a.train, 1)
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2)
-               for (x1, y1), (x2, y2) in zip(e0, e0_again))
+               for (x1, y1), (x2, y2) in zip(e0, e0_again, strict=True))
     # The scanned order is the sorted file order, so image i has index i.
     perm = epoch_permutation(24, 7, 0)
     for step, (x, _) in enumerate(e0):
@@ -130,7 +131,7 @@ def test_mid_epoch_start_yields_the_tail_without_decoding_skipped(tree, monkeypa
     monkeypatch.setattr(folder, "load_crop", lambda *a: calls.append(a[0]) or real(*a))
     tail = epoch(b.train, 2, start=1)
     assert len(tail) == 2 and len(calls) == 16  # batches 1 and 2 only
-    for (x1, y1), (x2, y2) in zip(full[1:], tail):
+    for (x1, y1), (x2, y2) in zip(full[1:], tail, strict=True):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert epoch(b.train, 2, start=3) == []
 
@@ -212,10 +213,11 @@ def test_bad_images_skipped_replaced_and_reported(tree):
     assert all(x.shape[0] == 9 for x, _ in run1)
     ids = [i for x, _ in run1 for i, _ in decode(x)]
     labels = [lab for x, y in run1 for lab in y.tolist()]
-    assert [lab for x, _ in run1 for _, lab in decode(x)] == labels  # replacements carry their label
+    # replacements carry their label
+    assert [lab for x, _ in run1 for _, lab in decode(x)] == labels
     assert len(ids) == 27 and set(ids) <= set(range(24))
     run2 = epoch(build(c).train, 0)  # replacements are deterministic
-    assert all(torch.equal(a[0], b_[0]) for a, b_ in zip(run1, run2))
+    assert all(torch.equal(a[0], b_[0]) for a, b_ in zip(run1, run2, strict=True))
 
 
 def test_bad_image_error_names_the_path_in_process_and_from_workers(tree):
@@ -238,7 +240,7 @@ def test_workers_give_the_same_batches_as_in_process(tree):
             ea, eb = epoch(a.train, e), epoch(b.train, e, 0)
             assert len(ea) == len(eb) == 3
             assert all(torch.equal(x1, x2) and torch.equal(y1, y2)
-                       for (x1, y1), (x2, y2) in zip(ea, eb))
+                       for (x1, y1), (x2, y2) in zip(ea, eb, strict=True))
         assert torch.equal(epoch(b.train, 1, start=2)[0][0], epoch(a.train, 1)[2][0])
     finally:
         b.train.close()
@@ -257,14 +259,14 @@ def test_workers_decode_partial_jpegs_bit_identical_to_in_process(tmp_path, monk
             arr = rng.integers(0, 256, (180, 240, 3), dtype=np.uint8)
             Image.fromarray(arr).save(os.path.join(d, f"i{i:02d}.jpg"), quality=85)
     log = tmp_path / "heights.txt"
-    from resnet_train.data import transforms as T
-    real = T._jpeg_decoder()
+    from resnet_train.data import jpeg as J
+    real = J._jpeg_decoder()
 
     def recording(buf):
         with open(log, "a") as fh:  # appended from the worker processes
-            fh.write(f"{int.from_bytes(buf[T._jpeg_sof(buf)[2]:T._jpeg_sof(buf)[2] + 2], 'big')}\n")
+            fh.write(f"{int.from_bytes(buf[J._jpeg_sof(buf)[2]:J._jpeg_sof(buf)[2] + 2], 'big')}\n")
         return real(buf)
-    monkeypatch.setattr(T, "_jpeg_decoder", lambda: recording)
+    monkeypatch.setattr(J, "_jpeg_decoder", lambda: recording)
     c0 = cfg(root, batch_size=6, workers=0, train={"scale": [256, 320], "crop": 96})
     c2 = cfg(root, batch_size=6, workers=2, train={"scale": [256, 320], "crop": 96})
     a = epoch(build(c0).train, 0)
@@ -278,7 +280,8 @@ def test_workers_decode_partial_jpegs_bit_identical_to_in_process(tmp_path, monk
         b.val.close()
     heights = [int(v) for v in log.read_text().split()]
     assert len(heights) == 12 and min(heights) < 180  # workers shortened frames
-    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, got))
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2)
+               for (x1, y1), (x2, y2) in zip(a, got, strict=True))
     assert "Corrupt JPEG" not in capfd.readouterr().err
 
 
@@ -292,7 +295,8 @@ def test_pixel_mean_is_computed_once_and_cached(tree, tmp_path, monkeypatch):
     cached = [f for f in os.listdir(run_dir) if f.startswith("pixel_mean_")]
     assert len(cached) == 1
     # Solid images: the mean image is the mean colour of the 24 training images.
-    expect = torch.tensor([colour(i, lab) for i, lab in zip(range(24), [0] * 8 + [1] * 8 + [2] * 8)],
+    labels = [0] * 8 + [1] * 8 + [2] * 8
+    expect = torch.tensor([colour(i, lab) for i, lab in enumerate(labels)],
                           dtype=torch.float64).mean(0) / 255
     mean_img = b.train_prep.mean[0]
     assert mean_img.shape == (3, 32, 32)
@@ -321,7 +325,7 @@ def test_val_protocols(tree):
     batches = epoch(b.val)
     assert [x.shape for x, _ in batches] == [(2, 10, 3, 32, 32)] * 3 + [(1, 10, 3, 32, 32)]
     ids = [decode(x[:, k]) for x, _ in batches for k in range(10)]
-    assert all(len(set(v)) == 1 for v in zip(*ids[:10]))  # 10 views of the same image
+    assert all(len(set(v)) == 1 for v in zip(*ids[:10], strict=True))  # 10 views of the same image
     assert [i for x, _ in batches for i, _ in decode(x[:, 0])] == list(range(24, 31))
     assert sum(len(y) for _, y in batches) == 7
     prepared = b.val_prep(batches[0][0])  # prep accepts the 5-D batch

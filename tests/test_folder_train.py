@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -14,9 +13,13 @@ from PIL import Image
 
 from resnet_train.cli import eval as eval_cli
 from resnet_train.cli import train as train_cli
-from resnet_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_short
+from resnet_train.data.prep import IMAGENET_MEAN, IMAGENET_STD
+from resnet_train.data.views import resize_short
 from resnet_train.engine import view_scorer
 from resnet_train.models import build_model
+from resnet_train.runtime import Runtime
+
+from .helpers import records
 
 W, H = 44, 34
 CLASSES = ("circle", "hstripes", "vstripes")
@@ -72,8 +75,7 @@ def trained(data_root, tmp_path_factory):
 
 
 def test_bad_images_are_counted_per_epoch_and_reported(trained, capsys):
-    with open(os.path.join(trained, "metrics.jsonl")) as fh:
-        recs = [json.loads(line) for line in fh if line.strip()]
+    recs = records(trained)
     assert [r["epoch"] for r in recs] == [0, 1]
     # 49 train files, batch 10: 40 used per epoch, so the broken file shows up some epochs.
     assert all(r["bad_images"] in (0, 1) for r in recs)
@@ -165,15 +167,16 @@ def test_multiscale_eval_matches_full_image_reference(trained, clean_root):
 
 
 def test_view_scorer_averages_softmax_over_views():
+    NCHW = Runtime(torch.device("cpu"), None, False)
     torch.manual_seed(0)
     model = build_model("resnet20", 5, width=4).eval()
     x = torch.randn(3, 10, 3, 16, 16)
     with torch.no_grad():
-        got = view_scorer("ten_crop", 16)(model, x, False)
+        got = view_scorer("ten_crop", 16)(model, x, NCHW)
         ref = torch.stack([F.softmax(model(x[:, k]), 1) for k in range(10)]).mean(0).log()
         assert torch.allclose(got, ref, atol=1e-5)
         one = torch.randn(1, 3, 20, 26)
-        got = view_scorer("multiscale", 16, (16, 24), True)(model, one, False)
+        got = view_scorer("multiscale", 16, (16, 24), True)(model, one, NCHW)
         views = [resize_short(one, 16), resize_short(one, 24)]
         views = [v for y in views for v in (y, y.flip(-1))]
         assert [v.shape[-2:] for v in views[::2]] == [(16, 20), (24, 31)]
@@ -192,12 +195,11 @@ def test_ten_crop_validation_during_training_with_block_norms(data_root, tmp_pat
     acc.Reload()
     norms = [t for t in acc.Tags()["scalars"] if t.startswith("block_norms/")]
     assert len(norms) == 9  # resnet20: 3 stages x 3 blocks
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        assert json.loads(fh.readline())["val_n"] == 10
+    assert records(run_dir)[0]["val_n"] == 10
 
 
 def test_per_pixel_mean_cache_for_many_image_sizes_is_bounded():
-    from resnet_train.data.transforms import DevicePrep
+    from resnet_train.data.prep import DevicePrep
     prep = DevicePrep(torch.rand(3, 8, 8))
     for h in range(20, 120):
         out = prep(torch.full((1, 3, h, 17), 100, dtype=torch.uint8))

@@ -234,7 +234,7 @@ def test_state_round_trip_mid_plateau():
     assert loaded == state
     resumed, fresh = plateau(patience=2), plateau(patience=2)
     resumed.load_state_dict(loaded)
-    for epoch, err in zip(range(4, 10), [0.45, 0.44, 0.42, 0.42, 0.41, 0.3]):
+    for epoch, err in zip(range(4, 10), [0.45, 0.44, 0.42, 0.42, 0.41, 0.3], strict=True):
         for sched in (s, resumed, fresh):
             sched.on_epoch_end(epoch, err)
         assert resumed.lr_at(0) == s.lr_at(0), epoch
@@ -244,8 +244,11 @@ def test_state_round_trip_mid_plateau():
 
 def test_state_dict_is_plain_python():
     s = plateau()
-    for v in s.state_dict().values():
-        assert v is None or type(v) in (int, float, bool)
+    for k, v in s.state_dict().items():
+        if k == "low_lr_window":  # the warm-up's (correct, n) sums since its last look
+            assert [type(x) for x in v] == [float, float]
+        else:
+            assert v is None or type(v) in (int, float, bool), k
     with pytest.raises(Exception, match="plateau_best"):
         s.load_state_dict({k: v for k, v in s.state_dict().items() if k != "plateau_best"})
 
@@ -259,24 +262,56 @@ def resnet110(**kw):
                 "schedule.low_lr_factor=0.1", "train.iterations=64000", spe=391, **kw)[2]
 
 
+def feed(s, last, error, images=100):
+    """Five steps ending at iteration ``last`` with the given training error (engine.STATS);
+    the warm-up looks at iterations where (step + 1) % 5 == 0."""
+    sums = []
+
+    def one_process(values):
+        sums.append(values)
+        return values
+    correct = round((1 - error) * images)
+    for step in range(last - 4, last + 1):
+        stats = torch.tensor([1.0, correct, correct, images, 0.0], dtype=torch.float64)
+        s.observe(step, stats, one_process)
+    return sums
+
+
 def test_resnet110_low_lr_until_error_below_threshold():
     s = resnet110()
     assert s.apply(0) == pytest.approx(0.01)
-    s.on_train_error(100, 0.9)
-    s.on_train_error(200, 0.8)              # equal is not below
-    assert s.lr_at(201) == pytest.approx(0.01)
-    s.on_train_error(399, 0.79)             # falls below after iteration 399
+    assert feed(s, 104, 0.9) == [[50.0, 500.0]]  # the window of the last five steps
+    feed(s, 204, 0.8)                       # equal is not below
+    assert s.lr_at(205) == pytest.approx(0.01)
+    feed(s, 399, 0.79)                      # falls below after iteration 399
     assert s.lr_at(399) == pytest.approx(0.01)
     assert s.lr_at(400) == pytest.approx(0.1)
-    s.on_train_error(500, 0.95)             # it never switches back
-    assert s.lr_at(501) == pytest.approx(0.1)
+    assert feed(s, 504, 0.95) == []         # it never switches back, nor looks again
+    assert s.lr_at(505) == pytest.approx(0.1)
     # the normal schedule is not shifted by the low phase
     assert s.lr_at(31999) == pytest.approx(0.1) and s.lr_at(32000) == pytest.approx(0.01)
 
 
+def test_resnet110_window_only_counts_since_the_last_look():
+    s = resnet110()
+    feed(s, 4, 0.95)
+    for step in (5, 6):  # two very good steps, then a save mid-window
+        s.observe(step, torch.tensor([1.0, 100, 100, 100, 0.0], dtype=torch.float64),
+                  lambda v: v)
+    state = roundtrip(s.state_dict())
+    assert state["low_lr_window"] == [200.0, 200.0]
+    resumed = resnet110()
+    resumed.load_state_dict(state)
+    seen = []
+    for step in (7, 8, 9):
+        resumed.observe(step, torch.tensor([1.0, 0, 0, 100, 0.0], dtype=torch.float64),
+                        lambda v: seen.append(v) or v)
+    assert seen == [[200.0, 500.0]] and resumed.lr_at(10) == pytest.approx(0.1)  # 60% error
+
+
 def test_resnet110_state_round_trip():
     s = resnet110()
-    s.on_train_error(399, 0.7)
+    feed(s, 399, 0.7)
     resumed, fresh = resnet110(), resnet110()
     resumed.load_state_dict(roundtrip(s.state_dict()))
     assert resumed.lr_at(400) == pytest.approx(0.1) and resumed.lr_at(300) == pytest.approx(0.01)
@@ -285,7 +320,7 @@ def test_resnet110_state_round_trip():
 
 def test_no_low_lr_phase_by_default():
     _, _, s = make("schedule.name=constant")
-    s.on_train_error(0, 0.99)
+    assert feed(s, 4, 0.99) == []
     assert s.lr_at(0) == pytest.approx(0.1)
 
 
@@ -301,7 +336,10 @@ def test_param_groups_no_decay_on_bn_and_biases():
     m = tiny_model()
     decay, no_decay = param_groups(m, 5e-4, no_decay_bn_bias=True)
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
-    ids = lambda ps: {id(p) for p in ps}
+
+    def ids(ps):
+        return {id(p) for p in ps}
+
     assert ids(decay["params"]) == ids([m[0].weight, m[3].weight])
     assert ids(no_decay["params"]) == ids([m[1].weight, m[1].bias, m[3].bias])
 

@@ -9,12 +9,11 @@ import torch
 from resnet_train.cli import eval as eval_cli
 from resnet_train.cli import train as train_cli
 
-from .helpers import tiny
+from .helpers import records, tiny
 
 
 def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return records(run_dir, "epoch")
 
 
 def read_tb(run_dir):

@@ -5,14 +5,17 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from ..errors import UserError
+from ..errors import ResnetTrainError
 
 
 def run_main(prog: str, body: Callable[[], int]) -> int:
-    """Run ``body``; a UserError becomes one line on stderr and exit code 2."""
+    """Run ``body``; a ResnetTrainError becomes one line on stderr and its ``exit_code``.
+
+    2 for a UserError, 4 for an EnvironmentFailure (disk full, permission denied, ...).
+    """
     try:
         return body()
-    except UserError as e:
+    except ResnetTrainError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -30,44 +30,35 @@ def parser() -> argparse.ArgumentParser:
 def evaluate_checkpoint(path: str, config: str | None = None,
                         overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """Rebuild model and data from a checkpoint; return loss, top1, top5, n (all ranks)."""
-    import torch
-
     from .. import checkpoint as ckpt_io
     from .. import distributed as dist_utils
     from ..config import load_config
     from ..data import build_data
-    from ..engine import evaluate, view_scorer
-    from ..models import build_model
-    from ..trainer import resolve_amp, resolve_channels_last, resolve_device
+    from ..engine import evaluate, scorer_for
+    from ..runtime import build_model_for, device_kind, resolve_runtime
 
     ckpt = ckpt_io.load(path)
     cfg = load_config(config, overrides, base=ckpt.get("config") or {})
-    kind = cfg.run.device if cfg.run.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu")
-    info = dist_utils.init(kind)
+    info = dist_utils.init(device_kind(cfg.run.device))
+    model = None
     try:
-        device = resolve_device(cfg.run.device, info.local_rank)
-        amp = resolve_amp(cfg.train.amp, device)
-        channels_last = resolve_channels_last(cfg.train.channels_last, device, amp)
-        data = build_data(cfg, device, info.rank, info.world)
-        m = cfg.model
-        model = build_model(m.arch, data.num_classes, variant=m.variant, shortcut=m.shortcut,
-                            unit=m.unit, zero_init_residual=m.zero_init_residual, width=m.width)
+        runtime = resolve_runtime(cfg, info.local_rank)
+        data = build_data(cfg, runtime.device, info.rank, info.world)
+        model = build_model_for(cfg, data.num_classes, runtime)
         ckpt_io.check_fits(model, ckpt["model"], path)
         model.load_state_dict(ckpt["model"])
-        model.to(device)
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        v = cfg.data.val
-        result = evaluate(model, data.val, data.val_prep, device, amp, channels_last, info,
-                          views=view_scorer(v.protocol, v.crop, v.scales, v.flip))
-        result["protocol"] = v.protocol
-        data.train.close()
-        data.val.close()
+        try:
+            result = evaluate(model, data.val, data.val_prep, runtime, info,
+                              views=scorer_for(cfg.data.val))
+        finally:
+            data.train.close()
+            data.val.close()
+        result["protocol"] = cfg.data.val.protocol
         result["checkpoint"] = os.path.abspath(path)
         result["epoch"] = ckpt.get("epoch")
         return result
     finally:
+        del model  # before the process group goes (see Trainer._release)
         dist_utils.shutdown()
 
 

@@ -1,4 +1,4 @@
-"""CIFAR-10 / CIFAR-100 held in memory on the training device (decision 3 of DESIGN.md).
+"""CIFAR-10 / CIFAR-100 held in memory on the training device (docs/architecture.md, "CIFAR lives in memory").
 
 The python-pickle files are read once (shapes, dtype and label range validated, not
 checksums, so converted or subsetted files work); each split becomes one uint8 tensor on
@@ -16,10 +16,10 @@ import torch
 
 from ..errors import ConfigError, DataError
 from . import DataBundle, Loader
+from .prep import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DevicePrep,
+                   PadCropFlip, pad_crop_flip_params)
 from .sampling import epoch_permutation, mix_seed, train_batch_indices, train_steps_per_epoch
 from .synthetic import TensorSplit
-from .transforms import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DevicePrep,
-                         PadCropFlip, pad_crop_flip_params)
 
 # name -> (directory, train files, test files, label key, classes, archive url, archive md5)
 LAYOUTS = {
@@ -171,12 +171,13 @@ class CifarTrain(Loader):
         dev = self.images.device
         perm = epoch_permutation(self.num_samples, self.seed, epoch).to(dev)
         lo = self.rank * self.local
+        gen = torch.Generator(device=dev)  # reseeded for every step
         for step in range(start, self.steps):
             idx = train_batch_indices(perm, step, self.global_batch, self.rank, self.world)
             if self.aug is None:
                 x = self.images[idx]
             else:  # draw for the whole global batch, keep this rank's part
-                gen = torch.Generator(device=dev).manual_seed(mix_seed(self.seed, epoch, step, 3))
+                gen.manual_seed(mix_seed(self.seed, epoch, step, 3))
                 oy, ox, fl = (p[lo:lo + self.local] for p in pad_crop_flip_params(
                     self.global_batch, self.pad, self.flip, gen, dev))
                 x = self.aug(idx, oy, ox, fl)

@@ -3,7 +3,8 @@
 Class index = position in the sorted class folder names (torchvision's ImageFolder
 convention, so labels line up with torchvision's weights). Workers decode whole batches:
 each sample's crop window is chosen in source coordinates and only that box is resized
-(decision 4), and a batch leaves the worker as one uint8 NCHW tensor (decision 2). The
+("crop before resize" in docs/architecture.md), and a batch leaves the worker as one uint8
+NCHW tensor ("uint8 until the device"). The
 batch order comes from ``sampling``; a sample's augmentation from ``random.Random`` seeded
 by (seed, epoch, index), so resuming at batch k decodes nothing before it.
 """
@@ -24,10 +25,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import ConfigError, DataError
 from . import DataBundle, Loader
+from .geometry import (crop_box_center, crop_box_full, crop_box_paper, crop_box_resized,
+                       crop_box_rrc)
+from .jpeg import load_crop
+from .prep import IMAGENET_MEAN, IMAGENET_STD, DevicePrep
 from .sampling import (epoch_permutation, mix_seed, train_batch_indices, train_steps_per_epoch,
                        val_shard)
-from .transforms import (IMAGENET_MEAN, IMAGENET_STD, DevicePrep, crop_box_center, crop_box_full,
-                         crop_box_paper, crop_box_resized, crop_box_rrc, load_crop, ten_crop)
+from .views import ten_crop
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MAX_TRIES = 10          # replacement attempts for an unreadable image (on_bad_image: skip)

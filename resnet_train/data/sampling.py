@@ -53,6 +53,8 @@ def val_shard(n: int, rank: int, world: int) -> range:
 
 
 def batch_generator(seed: int, epoch: int, step: int, rank: int,
-                    device: torch.device | str = "cpu") -> torch.Generator:
-    """The RNG for one step's on-device augmentation."""
-    return torch.Generator(device=device).manual_seed(mix_seed(seed, epoch, step, rank, 2))
+                    device: torch.device | str | torch.Generator = "cpu") -> torch.Generator:
+    """The RNG for one step's on-device augmentation; pass a Generator to reseed it (one per
+    run serves every step) instead of making a new one on ``device``."""
+    gen = device if isinstance(device, torch.Generator) else torch.Generator(device=device)
+    return gen.manual_seed(mix_seed(seed, epoch, step, rank, 2))

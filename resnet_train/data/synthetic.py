@@ -16,7 +16,7 @@ import torch
 
 from . import DataBundle, Loader
 from .sampling import batch_generator, mix_seed, train_steps_per_epoch, val_shard
-from .transforms import DevicePrep
+from .prep import DevicePrep
 
 # The classes, in label order. Shapes are centred at a random point; textures fill the image.
 CLASS_NAMES = (
@@ -26,8 +26,9 @@ CLASS_NAMES = (
 )
 
 
-def _masks(label: torch.Tensor, u: torch.Tensor, v: torch.Tensor, cx, cy, s, freq, phase):
-    """Boolean foreground masks (N, H, W) for each image's class."""
+def _masks(label: torch.Tensor, u: torch.Tensor, v: torch.Tensor, cx, cy, s, freq, phase,
+           num_classes: int):
+    """Boolean foreground masks (N, H, W) for each image's class (< num_classes)."""
     dx, dy = u - cx, v - cy
     r = torch.sqrt(dx * dx + dy * dy)
     adx, ady = dx.abs(), dy.abs()
@@ -53,13 +54,14 @@ def _masks(label: torch.Tensor, u: torch.Tensor, v: torch.Tensor, cx, cy, s, fre
         adx + ady < s,                                                # diamond
     ]
     out = torch.zeros_like(r, dtype=torch.bool)
-    for k in range(int(label.max()) + 1 if label.numel() else 0):
+    for k in range(num_classes):  # (not label.max(): reading it would sync every batch)
         sel = (label == k).view(-1, 1, 1)
         out = torch.where(sel, shapes[k], out)
     return out
 
 
-def render(labels: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+def render(labels: torch.Tensor, size: int, gen: torch.Generator,
+           num_classes: int = len(CLASS_NAMES)) -> torch.Tensor:
     """uint8 (N, 3, size, size) images of the given classes, all nuisances drawn from gen."""
     n, dev = labels.shape[0], labels.device
 
@@ -75,7 +77,7 @@ def render(labels: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tenso
     cy = col((rand(n) * 2 - 1) * (0.9 - s.view(n)))
     freq = col(2.0 + 3.0 * rand(n))                    # texture: 2-5 cycles across the image
     phase = col(rand(n) * 2 * math.pi)
-    mask = _masks(labels, u, v, cx, cy, s, freq, phase).unsqueeze(1)
+    mask = _masks(labels, u, v, cx, cy, s, freq, phase, num_classes).unsqueeze(1)
     fg, bg = rand(n, 3, 1, 1), rand(n, 3, 1, 1)
     # Guarantee a little contrast: push fg away from bg by at least 0.12 in mean intensity.
     gap = (fg.mean(1, keepdim=True) - bg.mean(1, keepdim=True))
@@ -111,11 +113,12 @@ class SyntheticTrain(Loader):
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         part = slice(self.rank * self.local, (self.rank + 1) * self.local)
+        gen = torch.Generator(device=self.device)  # reseeded for every step
         for step in range(start, self.steps):
-            gen = batch_generator(self.seed, epoch, step, 0, self.device)
+            batch_generator(self.seed, epoch, step, 0, gen)
             labels = torch.randint(self.num_classes, (self.global_batch,), generator=gen,
                                    device=self.device)
-            yield render(labels, self.size, gen)[part], labels[part]
+            yield render(labels, self.size, gen, self.num_classes)[part], labels[part]
 
 
 class TensorSplit(Loader):
@@ -181,8 +184,9 @@ class SyntheticImageNetTrain(Loader):
         return self.steps
 
     def batches(self, epoch: int, start: int = 0):
+        gen = torch.Generator(device=self.device)  # reseeded for every step
         for step in range(start, self.steps):
-            gen = batch_generator(self.seed, epoch, step, self.rank, self.device)
+            batch_generator(self.seed, epoch, step, self.rank, gen)
             x = torch.randint(0, 256, (self.local, 3, self.size, self.size), generator=gen,
                               device=self.device, dtype=torch.uint8)
             y = torch.randint(self.num_classes, (self.local,), generator=gen, device=self.device)
@@ -201,6 +205,6 @@ def build_synthetic_imagenet(cfg, device, rank: int, world: int, run_dir=None) -
                                     dtype=torch.uint8),
                       torch.randint(k, (n,), generator=gen, device=device),
                       d.batch_size // world, rank, world)
-    from .transforms import IMAGENET_MEAN, IMAGENET_STD
+    from .prep import IMAGENET_MEAN, IMAGENET_STD
     prep = _prep(cfg, device, IMAGENET_MEAN, IMAGENET_STD)
     return DataBundle(train, val, k, prep, prep, {})

@@ -1,0 +1,192 @@
+"""Byte-level JPEG reading and the decode-only-the-box path (``load_crop``).
+
+Given a crop box from ``geometry``, ``load_crop`` decodes and resizes only what the box
+needs. JPEGs are decoded by libjpeg-turbo (torchvision.io), only down to the box's bottom
+row (the frame height in the header is lowered), and the box is resized by torch's
+antialiased bilinear kernel (PIL's filter, about 3x faster than PIL's); PIL ``draft``
+decodes at 1/2..1/8 scale when the box shrinks by 2x or more. Other formats go through PIL.
+The marker parsing and the file-descriptor handling this needs are kept here, apart from
+the geometry, because they are about the file format and the worker process, not the crop.
+The result must equal resize-then-crop within rounding ("crop before resize, exactly" in
+``docs/architecture.md``).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _jpeg_sof(data) -> tuple[int, int, int, int, int] | None:
+    """(width, height, offset of the height field, rows of an MCU row, MCU rows to decode
+    below the crop) from a JPEG's SOF marker, or None if ``data`` is not a plain JPEG."""
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    i, n = 2, len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn
+            ncomp = data[i + 9] if i + 9 < n else 0
+            vmax = max([data[j] & 15 for j in range(i + 11, min(i + 10 + 3 * ncomp, n), 3)],
+                       default=0)
+            # Progressive: libjpeg-turbo smooths blocks whose coefficients the file never
+            # fully refines using the block rows up to two below (after chroma upsampling
+            # one more): keep three MCU rows below the crop instead of one.
+            extra = 3 if marker in (0xC2, 0xC6, 0xCA, 0xCE) else 1
+            return (int.from_bytes(data[i + 7:i + 9], "big"),
+                    int.from_bytes(data[i + 5:i + 7], "big"), i + 5, 8 * max(vmax, 1), extra)
+        if 0xD0 <= marker <= 0xD9 or marker == 0x01:  # no length field
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's SOF marker, or None if ``data`` is not a plain JPEG."""
+    sof = _jpeg_sof(data)
+    return None if sof is None else sof[:2]
+
+
+def decode_rows(y1: int, h: int, mcu: int = 16, extra: int = 1) -> int:
+    """How many top rows of an ``h``-row JPEG to decode for output rows [0, y1) exactly.
+
+    ``mcu`` is the height of an MCU row (8 x the largest vertical sampling factor). Decoding
+    stops ``extra`` whole MCU rows below the one holding row y1 - 1 (1; 3 for progressive
+    files), so chroma upsampling and block smoothing see the real rows below it: the rows
+    kept are bit-identical to a full decode (tested for every y1 on baseline, progressive
+    and partly refined progressive files).
+    """
+    return min(h, -(-y1 // mcu) * mcu + extra * mcu)
+
+
+def load_crop(path: str, choose) -> np.ndarray:
+    """Decode ``path`` and resize only the box that ``choose(w, h) -> (box, size, flip)``
+    picks for the image's size: HWC uint8 RGB of that size, mirrored if flip.
+
+    JPEGs are decoded by libjpeg-turbo (torchvision.io) and the box, rounded to whole source
+    pixels, is resized by torch's antialiased bilinear kernel: PIL's filter (equal up to
+    rounding) at about a third of PIL's cost. In loader workers only the rows down to the
+    box's bottom are decoded (``decode_rows``): the frame height in the header is lowered,
+    so libjpeg stops there and skims the rest of the file for its end marker. When the box
+    shrinks by 2x or more the JPEG is instead decoded at 1/2, 1/4 or 1/8 scale in the DCT
+    (PIL ``draft``). Other formats, and JPEGs torchvision cannot read, go through PIL's
+    ``resize(box=...)``.
+    """
+    with open(path, "rb") as fh:
+        data = fh.read()
+    sof = _jpeg_sof(data)
+    if sof is not None:
+        crop = choose(sof[0], sof[1])  # choose once: it draws from the sample's RNG
+        box, size, flip = crop
+        if min((box[2] - box[0]) / size[0], (box[3] - box[1]) / size[1]) < 2:
+            try:
+                return _torch_crop(data, sof, box, size, flip)
+            except RuntimeError:
+                pass  # PIL decides: a readable exotic JPEG, or an error with its reason
+        choose = lambda w, h: crop  # noqa: E731
+    return _pil_crop(io.BytesIO(data), choose)
+
+
+@functools.lru_cache(maxsize=1)
+def _jpeg_decoder():
+    """torchvision's libjpeg-turbo decoder, or None where this torchvision has none."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+
+    def decode(buf: bytearray) -> torch.Tensor:
+        with warnings.catch_warnings():  # deprecated in favour of torchcodec from 0.29
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(torch.frombuffer(buf, dtype=torch.uint8), mode=ImageReadMode.RGB)
+    return decode
+
+
+@functools.lru_cache(maxsize=1)
+def _devnull() -> int:
+    return os.open(os.devnull, os.O_WRONLY)
+
+
+def _in_worker() -> bool:
+    return torch.utils.data.get_worker_info() is not None
+
+
+def _quietly(fn, *args):
+    """fn(*args) with file descriptor 2 on /dev/null: libjpeg prints a 'Corrupt JPEG data:
+    extraneous bytes' line to stderr for every shortened frame (called in loader workers
+    only, which run nothing else meanwhile, so nothing else is hidden)."""
+    saved = os.dup(2)
+    try:
+        os.dup2(_devnull(), 2)
+        return fn(*args)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _torch_crop(data: bytes, sof, box, size, flip: bool) -> np.ndarray:
+    decode = _jpeg_decoder()
+    if decode is None:
+        raise RuntimeError("no torchvision JPEG decoder")
+    w, h, height_at, mcu, extra = sof
+    if w < 1 or h < 1:
+        raise RuntimeError("no frame size in the header")
+    x0, y0 = min(max(int(round(box[0])), 0), w - 1), min(max(int(round(box[1])), 0), h - 1)
+    x1, y1 = max(min(int(round(box[2])), w), x0 + 1), max(min(int(round(box[3])), h), y0 + 1)
+    buf = bytearray(data)
+    rows = decode_rows(y1, h, mcu, extra)
+    # Only a complete file (ending in EOI) is shortened: a truncated one then fails here
+    # whatever the box, as a full decode does, instead of passing for boxes near the top.
+    # Only in a loader worker: there nothing else writes to stderr while it is silenced.
+    if rows < h and _in_worker() and data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        buf[height_at:height_at + 2] = rows.to_bytes(2, "big")
+        img = _quietly(decode, buf)
+    else:
+        rows = h
+        img = decode(buf)  # (3, H, W) over HWC memory
+    if tuple(img.shape[-2:]) != (rows, w):
+        raise RuntimeError("header size differs from the decoded size")
+    # (1, 3, h, w) with true channels_last strides (img[None] would give the batch dim a
+    # stride of 3, and torch would take the 3x slower NCHW route and return NCHW).
+    region = img.permute(1, 2, 0).unsqueeze(0).permute(0, 3, 1, 2)[:, :, y0:y1, x0:x1]
+    if (y1 - y0, x1 - x0) != (size[1], size[0]):
+        # Antialiasing only changes a downscale; the plain kernel is faster and equal up.
+        down = y1 - y0 > size[1] or x1 - x0 > size[0]
+        region = F.interpolate(region, size=(size[1], size[0]), mode="bilinear",
+                               align_corners=False, antialias=down)
+    out = region[0].permute(1, 2, 0).numpy()  # HWC
+    return out[:, ::-1] if flip else out  # a mirrored view: the batch copy reads it once
+
+
+def _pil_crop(fp, choose) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(fp) as img:
+        w, h = img.size
+        box, size, flip = choose(w, h)
+        x0, y0, x1, y1 = box
+        k = int(min((x1 - x0) / size[0], (y1 - y0) / size[1]))
+        if k >= 2 and img.format == "JPEG":
+            # draft never reduces by more than k: W // ceil(W/k) <= k.
+            got = img.draft("RGB", (-(-w // k), -(-h // k)))
+            if got is not None:
+                s = w / got[1][2]  # the scale the decoder uses (1, 2, 4 or 8)
+                box = (x0 / s, y0 / s, x1 / s, y1 / s)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        out = img.resize(size, Image.BILINEAR, box=box)
+    if flip:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(out)

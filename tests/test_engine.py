@@ -1,0 +1,191 @@
+"""The step: no host synchronisation per step, the non-finite skip decided on the device."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+
+import pytest
+import torch
+
+from resnet_train import engine, trainer
+from resnet_train.cli import train as train_cli
+from resnet_train.engine import STATS, Meter, TrainStep
+from resnet_train.runtime import Runtime
+
+from .helpers import tiny
+
+# What makes the host wait for the device: reading a value (item, tolist, bool, float, int,
+# numpy, cpu) and making a device tensor from host data (torch.tensor / as_tensor: a
+# blocking copy on CUDA). On the CPU nothing waits, but the same calls are the syncs there.
+READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu")
+MAKERS = ("tensor", "as_tensor")
+
+
+@contextlib.contextmanager
+def count_host_syncs(monkeypatch):
+    """Counts host reads by name while ``counts["on"]`` is truthy."""
+    counts = collections.Counter()
+    state = {"on": False}
+
+    def wrap(owner, name):
+        real = getattr(owner, name)
+
+        def counted(*a, **k):
+            if state["on"]:
+                counts[name] += 1
+            return real(*a, **k)
+        monkeypatch.setattr(owner, name, counted)
+    for name in READS:
+        wrap(torch.Tensor, name)
+    for name in MAKERS:
+        wrap(torch, name)
+    yield counts, state
+
+
+def _measure(monkeypatch, tmp_path, *extra) -> tuple[collections.Counter, int, int]:
+    """Host syncs inside the loop outside log points, epoch ends and saves; steps, log points."""
+    steps, logs = [0], [0]
+    with count_host_syncs(monkeypatch) as (counts, state):
+        real_call = TrainStep.__call__
+
+        def step(self, x, y):
+            steps[0] += 1
+            state["on"] = steps[0] > 1  # the first step may allocate and read lazily
+            return real_call(self, x, y)
+        monkeypatch.setattr(TrainStep, "__call__", step)
+        for name in ("_end_epoch", "_log_step", "_save"):
+            real = getattr(trainer.Trainer, name)
+
+            def paused(self, *a, _real=real, _name=name, **k):
+                was, state["on"] = state["on"], False
+                try:
+                    if _name == "_log_step":
+                        logs[0] += 1
+                    return _real(self, *a, **k)
+                finally:
+                    state["on"] = was
+            monkeypatch.setattr(trainer.Trainer, name, paused)
+        assert train_cli.main(tiny(str(tmp_path / "run"), "train.epochs=1",
+                                   "data.train_samples=512", *extra)) == 0
+    return counts, steps[0], logs[0]
+
+
+@pytest.mark.parametrize("extra", [(), ("train.accum_steps=2",), ("train.amp=bf16",
+                                                                   "train.channels_last=true")])
+def test_no_host_sync_per_step_outside_log_points(tmp_path, monkeypatch, extra):
+    """16 steps; log points every 8 (their reads are not counted): zero reads per step.
+    Before this design the step read 2 (3 with accum_steps=2): bool(isfinite) and a
+    torch.tensor per micro-batch for the sample count."""
+    counts, steps, logs = _measure(monkeypatch, tmp_path, "run.log_every=8", *extra)
+    assert steps == 16 and logs == 2
+    assert sum(counts.values()) == 0, dict(counts)
+
+
+def test_the_counter_sees_a_sync_in_the_step(tmp_path, monkeypatch):
+    """Negative control: a step that reads a value is counted once per step."""
+    real = engine.TrainStep._guarded_update
+
+    def reading(self, loss_sum):
+        good = real(self, loss_sum)
+        bool(good)  # what the old step did
+        return good
+    monkeypatch.setattr(engine.TrainStep, "_guarded_update", reading)
+    counts, steps, _ = _measure(monkeypatch, tmp_path, "run.log_every=100")
+    assert counts["__bool__"] == steps - 1
+
+
+def test_fp16_scaler_path_reads_nothing_per_step(tmp_path, monkeypatch):
+    """GradScaler + fused SGD: the scaler's found_inf goes to the kernel, no .item()."""
+    import resnet_train.runtime as runtime_mod
+    monkeypatch.setattr(runtime_mod, "resolve_amp", lambda mode, device: torch.float16)
+    counts, steps, _ = _measure(monkeypatch, tmp_path, "run.log_every=100")
+    assert steps == 16 and sum(counts.values()) == 0, dict(counts)
+
+
+def _tiny_step(world: int = 1, scaler=None, accum: int = 1, bn: bool = False):
+    torch.manual_seed(0)
+    layers = [torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)] if bn else []
+    model = torch.nn.Sequential(*layers, torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    model(torch.randn(2, 3, 2, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    for p in model.parameters():
+        opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    head = list(model.parameters())[-1]
+    rt = Runtime(torch.device("cpu"), None, False)
+    step = TrainStep(model, opt, scaler, rt, accum, 0.0, probe=head,
+                     buffers=list(model.buffers()), distributed=world > 1)
+    return model, opt, step, head
+
+
+def _snapshot(model):
+    return [t.detach().clone() for t in [*model.parameters(), *model.buffers()]]
+
+
+def test_a_poisoned_step_changes_nothing_and_is_counted():
+    """A NaN input: weights, momentum and BatchNorm statistics stay exactly as they were;
+    the stats say skipped (and count nothing else); a good step then moves everything."""
+    model, opt, step, _ = _tiny_step(bn=True)
+    x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    step(x, y)  # one good step: momentum buffers are non-zero from here
+    before = _snapshot(model)
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    stats = step(torch.full_like(x, float("nan")), y)
+    assert stats.tolist() == [0.0, 0.0, 0.0, 0.0, 1.0]
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model)))
+    assert all(torch.equal(m, opt.state[p]["momentum_buffer"])
+               for m, p in zip(momentum, model.parameters()))
+    assert float(step.bad_run) == 1 and float(step.peak_bad_run) == 1
+    stats = step(x, y)
+    assert stats[3].item() == 4 and stats[4].item() == 0 and float(step.bad_run) == 0
+    assert float(step.peak_bad_run) == 1  # the window still remembers the run
+    step.reset_peak()
+    assert float(step.peak_bad_run) == 0
+    assert not torch.equal(before[0], model[0].weight)
+
+
+def test_ddp_ranks_skip_a_poisoned_step_alike():
+    """Under DDP a NaN loss on another rank reaches this rank only through the averaged
+    gradients: the head gradient decides, although the local loss is finite. One process:
+    a finite loss with non-finite gradients is skipped as well."""
+    for world in (2, 1):
+        model, _, step, head = _tiny_step(world)
+        # what the all-reduce would deliver when another rank's loss was NaN
+        head.register_hook(lambda g: torch.full_like(g, float("nan")))
+        before = _snapshot(model)
+        stats = step(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0]))
+        assert stats[4].item() == 1 and stats[3].item() == 0
+        assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model)))
+
+
+def test_fp16_scaler_skip_is_the_scalers_decision():
+    """With a GradScaler the step is skipped when the scaler found inf/nan in any gradient
+    (from the all-reduced gradients, so alike on every rank); its scale halves."""
+    scaler = torch.amp.GradScaler("cpu")
+    model, _, step, head = _tiny_step(2, scaler=scaler)
+    poison = {"on": True}
+    head.register_hook(lambda g: torch.full_like(g, float("nan")) if poison["on"] else g)
+    x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    before = _snapshot(model)
+    assert step(x, y)[4].item() == 1 and scaler.get_scale() == 2.0 ** 15
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model)))
+    poison["on"] = False
+    assert step(x, y)[4].item() == 0 and float(step.bad_run) == 0
+    assert not all(torch.equal(a, b) for a, b in zip(before, _snapshot(model)))
+
+
+def test_accumulated_step_counts_every_micro_batch():
+    _, _, step, _ = _tiny_step(accum=2)
+    stats = step(torch.randn(8, 3, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    assert stats[3].item() == 8 and 0 <= stats[1].item() <= stats[2].item() <= 8
+
+
+def test_meter_reads_means_and_extras_in_one_go():
+    m = Meter(torch.device("cpu"))
+    m.add(torch.tensor([6.0, 2.0, 3.0, 4.0, 1.0], dtype=torch.float64))
+    m.add(torch.tensor([2.0, 1.0, 3.0, 4.0, 0.0], dtype=torch.float64))
+    from resnet_train.distributed import DistInfo
+    v = m.read(DistInfo(), (torch.tensor(5.0), 7))
+    assert (v["loss"], v["top1"], v["top5"], v["n"], v["skipped"]) == (1.0, 3 / 8, 6 / 8, 8, 1)
+    assert v["extra"] == [5.0, 7.0]
+    assert len(STATS) == 5
