@@ -132,9 +132,9 @@ def test_a_poisoned_step_changes_nothing_and_is_counted():
     momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
     stats = step(torch.full_like(x, float("nan")), y)
     assert stats.tolist() == [0.0, 0.0, 0.0, 0.0, 1.0]
-    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model)))
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model), strict=True))
     assert all(torch.equal(m, opt.state[p]["momentum_buffer"])
-               for m, p in zip(momentum, model.parameters()))
+               for m, p in zip(momentum, model.parameters(), strict=True))
     assert float(step.bad_run) == 1 and float(step.peak_bad_run) == 1
     stats = step(x, y)
     assert stats[3].item() == 4 and stats[4].item() == 0 and float(step.bad_run) == 0
@@ -155,7 +155,7 @@ def test_ddp_ranks_skip_a_poisoned_step_alike():
         before = _snapshot(model)
         stats = step(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0]))
         assert stats[4].item() == 1 and stats[3].item() == 0
-        assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model)))
+        assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model), strict=True))
 
 
 def test_fp16_scaler_skip_is_the_scalers_decision():
@@ -168,10 +168,10 @@ def test_fp16_scaler_skip_is_the_scalers_decision():
     x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
     before = _snapshot(model)
     assert step(x, y)[4].item() == 1 and scaler.get_scale() == 2.0 ** 15
-    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model)))
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model), strict=True))
     poison["on"] = False
     assert step(x, y)[4].item() == 0 and float(step.bad_run) == 0
-    assert not all(torch.equal(a, b) for a, b in zip(before, _snapshot(model)))
+    assert not all(torch.equal(a, b) for a, b in zip(before, _snapshot(model), strict=True))
 
 
 def test_accumulated_step_counts_every_micro_batch():

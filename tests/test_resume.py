@@ -100,7 +100,7 @@ def test_per_iteration_curves_are_windowed_means(tmp_path):
     assert train_cli.main(tiny(run_dir, "train.epochs=2", "run.log_every=8")) == 0
     steps, epochs = records(run_dir, "step"), records(run_dir, "epoch")
     assert [r["global_step"] for r in steps] == [8, 16] and [r["epoch"] for r in steps] == [0, 1]
-    for s, e in zip(steps, epochs):
+    for s, e in zip(steps, epochs, strict=True):
         assert s["train_loss"] == pytest.approx(e["train_loss"], rel=1e-12)
         assert s["train_error"] == pytest.approx(1 - e["train_top1"], rel=1e-12)
         assert s["lr"] == e["lr"] and s["n"] == 256
@@ -155,7 +155,7 @@ def test_a_signal_during_validation_saves_the_pending_epoch_end(tmp_path, monkey
     monkeypatch.setattr(trainer.Trainer, "_validate", real)
     assert train_cli.main(tiny(split, *args)) == 0
     assert [r["epoch"] for r in records(split)] == [0, 1]
-    for a, b in zip(records(whole), records(split)):
+    for a, b in zip(records(whole), records(split), strict=True):
         assert a["val_loss"] == b["val_loss"] and a["train_loss"] == b["train_loss"]
     for k, v in last(whole)["model"].items():
         assert torch.equal(v, last(split)["model"][k]), k

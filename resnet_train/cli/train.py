@@ -14,8 +14,9 @@ Overrides are positional dotted key=value pairs, parsed to the key's type, e.g.
   resnet-train --config configs/cifar10_resnet20.yaml optim.lr=0.05 schedule.milestones=[80,120]
 
 Exit codes: 0 done (or the run was already complete), 1 internal error or non-finite loss,
-2 user error (config, path, data, checkpoint), 3 stopped by a signal after saving last.pt
-(run the same command to resume), 130 interrupted.
+2 user error (config, path, data, checkpoint, a refused config change on resume, run
+directory in use), 3 stopped by a signal after saving last.pt (run the same command to
+resume), 4 a checkpoint could not be written (disk full, permission), 130 interrupted.
 """
 
 
