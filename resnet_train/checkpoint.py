@@ -259,8 +259,8 @@ class TrainState:
         dist.all_reduce(flat)
         if not self.info.is_main:
             flat.zero_()
-        torch._foreach_copy_(tensors, [v.view_as(t) for v, t in
-                                       zip(flat.split([t.numel() for t in tensors]), tensors)])
+        parts = flat.split([t.numel() for t in tensors])
+        torch._foreach_copy_(tensors, [v.view_as(t) for v, t in zip(parts, tensors, strict=True)])
 
     def state_dict(self) -> dict:
         """The checkpoint (call ``gather_sums()`` on every rank first under DDP)."""

@@ -85,7 +85,8 @@ class RunConfig:
                               resume="safe")
     device: Literal["auto", "cpu", "cuda"] = opt(
         "auto", "training device; auto = cuda if available", resume="safe")
-    log_every: int = opt(50, "steps between plain-text progress lines when stdout is not a TTY",
+    log_every: int = opt(50, "steps between log points: per-iteration train loss/error and lr "
+                             "(metrics.jsonl, TensorBoard iter/*) and progress values",
                          resume="safe", min=1)
     progress: Literal["auto", "bar", "lines", "none"] = opt(
         "auto", "console progress: tqdm bar on a TTY, plain lines otherwise (auto)", resume="safe")

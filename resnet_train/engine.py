@@ -99,7 +99,8 @@ class _BufferGuard:
             snap = torch.empty(sum(f.numel() for f in flat), dtype=bufs[0].dtype,
                                device=bufs[0].device)
             scratch = torch.empty_like(snap)
-            views = [v.view_as(b) for v, b in zip(scratch.split([f.numel() for f in flat]), bufs)]
+            parts = scratch.split([f.numel() for f in flat])
+            views = [v.view_as(b) for v, b in zip(parts, bufs, strict=True)]
             self.groups.append((bufs, flat, snap, scratch, views))
 
     def save(self) -> None:
@@ -153,7 +154,7 @@ class TrainStep:
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor):
         micro = x.shape[0] // self.accum_steps
         loss_sum = correct1 = correct5 = None
-        for i, (xs, ys) in enumerate(zip(x.split(micro), y.split(micro))):
+        for i, (xs, ys) in enumerate(zip(x.split(micro), y.split(micro), strict=True)):
             last = i == self.accum_steps - 1
             # DDP all-reduces the gradients on the last micro-step only.
             sync = self.model.no_sync() if not last and hasattr(self.model, "no_sync") \

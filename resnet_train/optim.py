@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -81,7 +81,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     configured = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
                   for g in optimizer.param_groups]
     optimizer.load_state_dict(state)
-    for group, keep in zip(optimizer.param_groups, configured):
+    for group, keep in zip(optimizer.param_groups, configured, strict=True):
         group.update(keep)
     if any(g["momentum"] for g in optimizer.param_groups):
         for group in optimizer.param_groups:  # e.g. momentum allowed to change from 0
@@ -100,26 +100,26 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
 # Each returns the schedule's lr at `step` before the warm-up and low-lr multipliers.
 
 
-def _constant(s: "LRSchedule", step: int) -> float:
+def _constant(s: LRSchedule, step: int) -> float:
     return s.base
 
 
-def _step(s: "LRSchedule", step: int) -> float:
+def _step(s: LRSchedule, step: int) -> float:
     # Integer division on iterations: same as floor(epoch / step_size) without float rounding.
     return s.base * s.cfg.gamma ** (step // (s.cfg.step_size * s.unit_steps))
 
 
-def _multistep(s: "LRSchedule", step: int) -> float:
+def _multistep(s: LRSchedule, step: int) -> float:
     # A milestone m takes effect at the first iteration of epoch m (or at iteration m).
     passed = bisect.bisect_right([m * s.unit_steps for m in s.cfg.milestones], step)
     return s.base * s.cfg.gamma ** passed
 
 
-def _plateau(s: "LRSchedule", step: int) -> float:
+def _plateau(s: LRSchedule, step: int) -> float:
     return max(s.base * s.plateau_factor, s.cfg.min_lr)
 
 
-def _cosine(s: "LRSchedule", step: int) -> float:
+def _cosine(s: LRSchedule, step: int) -> float:
     # The cosine starts where the warm-up ends so the peak lr is actually reached; past
     # total_steps it stays at min_lr (CosineAnnealingLR would climb back up).
     span = s.total_steps - s.warmup_steps
@@ -127,7 +127,7 @@ def _cosine(s: "LRSchedule", step: int) -> float:
     return s.cfg.min_lr + (s.base - s.cfg.min_lr) * (1 + math.cos(math.pi * progress)) / 2
 
 
-SCHEDULES: dict[str, Callable[["LRSchedule", int], float]] = {
+SCHEDULES: dict[str, Callable[[LRSchedule, int], float]] = {
     "constant": _constant,
     "step": _step,
     "multistep": _multistep,

@@ -26,7 +26,7 @@ import shlex
 import socket
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import EnvironmentFailure, RunDirInUse, describe_os_error
 

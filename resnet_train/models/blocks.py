@@ -108,7 +108,7 @@ class ResidualBlock(nn.Module):
 
         bn_channels: dict[int, int] = {}  # conv index -> channels of its BN
         branch: list[str] = []
-        for i, (conv, recipe) in enumerate(zip(convs, recipes), start=1):
+        for i, (conv, recipe) in enumerate(zip(convs, recipes, strict=True), start=1):
             for tok in recipe:
                 if tok == "bn":
                     before_conv = recipe.index("bn") < recipe.index("conv")
