@@ -19,7 +19,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -32,7 +32,7 @@ class ResumeClass:
     label: str                                  # the marker in --help and the README
     meaning: str                                # one line for the README legend
     refused: bool = False                       # refused unless in checkpoint.allow_changes ...
-    only_if: Optional[tuple[str, Any]] = None   # ... only when the NEW config has key == value
+    only_if: tuple[str, Any] | None = None   # ... only when the NEW config has key == value
     why: str = ""                               # added to the refusal when only_if applies
     compared: bool = True
 
@@ -79,7 +79,7 @@ def opt(default: Any, help: str, *, resume: str, min: float | None = None,
 @dataclass(frozen=True)
 class RunConfig:
     name: str = opt("run", "run name; the run directory defaults to runs/<name>", resume="safe")
-    dir: Optional[str] = opt(None, "run directory (default runs/<run.name>)", resume="safe")
+    dir: str | None = opt(None, "run directory (default runs/<run.name>)", resume="safe")
     seed: int = opt(0, "seed for weights, data order and augmentation", resume="state")
     deterministic: bool = opt(False, "deterministic kernels; CPU resume is then bitwise exact",
                               resume="safe")
@@ -96,19 +96,18 @@ class RunConfig:
 class ModelConfig:
     arch: str = opt("resnet20", "architecture, e.g. resnet20, resnet50, plain34, preact_resnet164",
                     resume="state")
-    variant: Optional[Literal["v1", "v1.5"]] = opt(
+    variant: Literal["v1", "v1.5"] | None = opt(
         None, "ImageNet bottleneck stride: v1 in the 1x1 (paper), v1.5 in the 3x3 (default)",
         resume="state")
-    shortcut: Optional[Literal["A", "B", "C", "none"]] = opt(
+    shortcut: Literal["A", "B", "C", "none"] | None = opt(
         None, "A zero-pad identity, B projection on change, C projection always, none = plain",
         resume="state")
-    unit: Optional[Literal["original", "bn_after_add", "relu_before_add", "relu_only_preact",
-                           "full_preact"]] = opt(
+    unit: Literal["original", "bn_after_add", "relu_before_add", "relu_only_preact", "full_preact"] | None = opt(
         None, "residual unit order (He et al. 2016 Fig. 4)", resume="state")
     # The weights were initialised with it: the resolved config must keep saying so.
     zero_init_residual: bool = opt(False, "zero the last BN gamma of each residual branch",
                                    resume="state")
-    width: Optional[int] = opt(None, "base width override (64 ImageNet, 16 CIFAR)",
+    width: int | None = opt(None, "base width override (64 ImageNet, 16 CIFAR)",
                                resume="state", min=1)
     log_block_norms: bool = opt(False, "log ||F(x)||/||x|| per residual block to TensorBoard",
                                 resume="safe")
@@ -153,12 +152,12 @@ class ValAugConfig:
 class DataConfig:
     dataset: Literal["synthetic", "synthetic_imagenet", "cifar10", "cifar100", "imagenet",
                      "folder"] = opt("synthetic", "dataset", resume="state")
-    root: Optional[str] = opt(None, "dataset root directory (not needed for synthetic)",
+    root: str | None = opt(None, "dataset root directory (not needed for synthetic)",
                               resume="safe")
     batch_size: int = opt(256, "GLOBAL batch size, split across ranks", resume="state", min=1)
     workers: int = opt(4, "loader worker processes per rank (folder datasets)", resume="safe",
                        min=0)
-    num_classes: Optional[int] = opt(None, "number of classes (default: from the dataset)",
+    num_classes: int | None = opt(None, "number of classes (default: from the dataset)",
                                      resume="state", min=1)
     image_size: int = opt(32, "synthetic: image side in pixels", resume="state", min=8)
     train_samples: int = opt(20000, "synthetic: training images per epoch", resume="state", min=1)
@@ -181,9 +180,9 @@ class DataConfig:
     normalize: Literal["channel", "pixel_mean"] = opt(
         "channel", "mean subtraction per channel, or the per-pixel mean image of the train set",
         resume="state")
-    mean: Optional[list[float]] = opt(None, "per-channel mean in [0,1] (default: dataset's)",
+    mean: list[float] | None = opt(None, "per-channel mean in [0,1] (default: dataset's)",
                                       resume="state")
-    std: Optional[list[float]] = opt(None, "per-channel std in [0,1] (default: dataset's)",
+    std: list[float] | None = opt(None, "per-channel std in [0,1] (default: dataset's)",
                                      resume="state")
     divide_std: bool = opt(True, "divide by the std after mean subtraction", resume="state")
     # The cached mean image is keyed by it: a change recomputes a different normalisation.
@@ -233,7 +232,7 @@ class ScheduleConfig:
                                                 resume="state")
     warmup_start_factor: float = opt(0.1, "lr factor at the start of the linear warm-up",
                                      resume="state", min=0)
-    low_lr_until_error: Optional[float] = opt(
+    low_lr_until_error: float | None = opt(
         None, "ResNet-110 warm-up: lr x low_lr_factor until train error < this",
         resume="state", min=0, max=1)
     low_lr_factor: float = opt(0.1, "ResNet-110 warm-up: lr factor while the error is high",
@@ -243,7 +242,7 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = opt(160, "training epochs", resume="length", min=1)
-    iterations: Optional[int] = opt(None, "training length in iterations (overrides epochs)",
+    iterations: int | None = opt(None, "training length in iterations (overrides epochs)",
                                     resume="length", min=1)
     amp: Literal["auto", "none", "bf16", "fp16"] = opt("auto", "mixed precision", resume="safe")
     channels_last: Literal["auto", "true", "false"] = opt(
@@ -647,12 +646,14 @@ def validate(cfg: Config) -> None:
     _check_ranges(cfg)
     d, t = cfg.data, cfg.data.train
     if len(t.scale) != 2 or t.scale[0] > t.scale[1] or t.scale[0] < 1:
-        raise ConfigError(f"data.train.scale: expected [min, max] with 1 <= min <= max, got {t.scale}")
+        raise ConfigError(f"data.train.scale: expected [min, max] with 1 <= min <= max, "
+                          f"got {t.scale}")
     if t.aug == "paper" and d.dataset in ("imagenet", "folder") and t.crop > t.scale[0]:
         raise ConfigError(f"data.train.crop: {t.crop} is larger than the smallest scale "
                           f"data.train.scale[0]={t.scale[0]}")
     if d.val.crop > d.val.resize:
-        raise ConfigError(f"data.val.crop: {d.val.crop} is larger than data.val.resize={d.val.resize}")
+        raise ConfigError(f"data.val.crop: {d.val.crop} is larger than "
+                          f"data.val.resize={d.val.resize}")
     for key, pair in (("data.train.rrc_scale", t.rrc_scale), ("data.train.rrc_ratio", t.rrc_ratio)):
         if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
             raise ConfigError(f"{key}: expected [min, max] with 0 < min <= max, got {pair}")
