@@ -365,6 +365,53 @@ def _yaml_scalar(v: Any) -> str:
 # --------------------------------------------------------------------------- coercion
 
 
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
+        return False
+    raise ValueError
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.replace("_", ""))
+        except ValueError:
+            f = float(value)  # "1e3"; a ValueError here is the caller's "bad value"
+            if f.is_integer():
+                return int(f)
+    raise ValueError
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+        return float(value)
+    raise ValueError
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError
+
+
+# Scalar types: a converter each, raising ValueError for a value of the wrong kind.
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
 def _coerce(value: Any, tp, key: str) -> Any:
     """Convert a YAML or command-line value to the declared type, or raise ConfigError."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -395,48 +442,12 @@ def _coerce(value: Any, tp, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise bad()
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
-            return False
+    if tp not in _SCALARS:
         raise bad()
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                try:
-                    f = float(value)
-                except ValueError:
-                    raise bad() from None
-                if f.is_integer():
-                    return int(f)
-        raise bad()
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads "1e-4" as a string
-                return float(value)
-            except ValueError:
-                raise bad() from None
-        raise bad()
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad()
-    raise bad()
+    try:
+        return _SCALARS[tp](value)
+    except ValueError:
+        raise bad() from None
 
 
 def _parse_scalar(text: str) -> Any:
