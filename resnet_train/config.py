@@ -102,11 +102,19 @@ class ModelConfig:
     shortcut: Literal["A", "B", "C", "none"] | None = opt(
         None, "A zero-pad identity, B projection on change, C projection always, none = plain",
         resume="state")
-    unit: Literal["original", "bn_after_add", "relu_before_add", "relu_only_preact", "full_preact"] | None = opt(
+    unit: Literal["original", "bn_after_add", "relu_before_add", "relu_only_preact",
+                  "full_preact"] | None = opt(
         None, "residual unit order (He et al. 2016 Fig. 4)", resume="state")
     # The weights were initialised with it: the resolved config must keep saying so.
-    zero_init_residual: bool = opt(False, "zero the last BN gamma of each residual branch",
-                                   resume="state")
+    zero_init_residual: bool = opt(
+        False, "start blocks as identities: zero the last BN gamma of F (original: block = "
+        "relu(x); relu_only_preact) or F's last conv (full_preact); refused for bn_after_add, "
+        "relu_before_add", resume="state")
+    shortcut_variant: Literal["scale_shortcut", "scale_both", "exclusive_gating",
+                              "exclusive_gating_b0", "exclusive_gating_b7", "shortcut_gating",
+                              "shortcut_gating_b0", "conv", "dropout"] | None = opt(
+        None, "He et al. 2016 Table 1 shortcut (scaling, gating with b_g -6/0/-7, 1x1 conv, "
+        "dropout 0.5); null = identity", resume="state")
     width: int | None = opt(None, "base width override (64 ImageNet, 16 CIFAR)",
                                resume="state", min=1)
     log_block_norms: bool = opt(False, "log ||F(x)||/||x|| per residual block to TensorBoard",

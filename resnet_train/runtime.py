@@ -91,7 +91,7 @@ def build_model_for(cfg: Config, num_classes: int, runtime: Runtime) -> nn.Modul
     m = cfg.model
     model = models.build_model(m.arch, num_classes, variant=m.variant, shortcut=m.shortcut,
                                unit=m.unit, zero_init_residual=m.zero_init_residual,
-                               width=m.width)
+                               width=m.width, shortcut_variant=m.shortcut_variant)
     model.to(runtime.device)
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -229,7 +229,8 @@ def test_every_key_is_classified_for_resume():
     assert all(c in RESUME_CLASSES for c in keys.values())
     expected = {
         "state": ["model.arch", "model.variant", "model.shortcut", "model.unit",
-                  "model.zero_init_residual", "model.width", "data.dataset", "data.num_classes",
+                  "model.zero_init_residual", "model.shortcut_variant", "model.width",
+                  "data.dataset", "data.num_classes",
                   "data.image_size", "data.train_samples", "data.synthetic_classes",
                   "data.val_split", "data.holdout_size", "data.holdout_seed",
                   "data.cifar100_labels", "data.normalize", "data.mean", "data.std",

@@ -33,7 +33,8 @@ def test_config_loads(path, tmp_path):
     if depth <= 110:
         m = cfg.model
         build_model(m.arch, 10, variant=m.variant, shortcut=m.shortcut, unit=m.unit,
-                    zero_init_residual=m.zero_init_residual, width=4)
+                    zero_init_residual=m.zero_init_residual,
+                    shortcut_variant=m.shortcut_variant, width=4)
 
 
 def test_paper_recipes():
@@ -47,3 +48,21 @@ def test_paper_recipes():
     assert (i.data.batch_size, i.optim.lr, i.schedule.name) == (256, 0.1, "plateau")
     assert i.data.train.scale == [256, 480] and i.data.train.pca_lighting == 0.1
     assert (i.model.variant, i.model.shortcut) == ("v1", "B")
+
+
+def test_shortcut_variant_configs_cover_im_table1():
+    import typing
+
+    from resnet_train.config import ModelConfig
+    from resnet_train.models import SHORTCUT_VARIANTS
+    hint = typing.get_type_hints(ModelConfig)["shortcut_variant"]
+    literal = next(a for a in typing.get_args(hint) if a is not type(None))
+    assert set(typing.get_args(literal)) == set(SHORTCUT_VARIANTS)
+    for name in SHORTCUT_VARIANTS:
+        path = os.path.join(ROOT, "configs", f"cifar10_resnet110_shortcut_{name}.yaml")
+        c = load_config(path, ["data.root=/tmp"])
+        assert (c.model.arch, c.model.unit, c.model.shortcut_variant) == ("resnet110",
+                                                                          "original", name)
+        assert c.schedule.low_lr_until_error == 0.8  # ResNet-110's warm-up
+        with open(path) as f:
+            assert "Table 1" in f.readline() + f.readline()

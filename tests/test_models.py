@@ -10,8 +10,8 @@ import torchvision
 from torch import fx, nn
 
 from resnet_train.errors import UserError
-from resnet_train.models import (ARCH_SPECS, ARCHS, UNITS, arch_family, build_model,
-                                 collect_block_norms, set_report_norms)
+from resnet_train.models import (ARCH_SPECS, ARCHS, SHORTCUT_VARIANTS, UNITS, arch_family,
+                                 build_model, collect_block_norms, set_report_norms)
 from resnet_train.models.blocks import BasicBlock, Bottleneck, PadShortcut, ResidualBlock
 
 TV_DEPTHS = {
@@ -248,6 +248,41 @@ def test_projection_block_orders():
     assert op_kinds(omit) == "conv bn relu conv bn relu conv conv add".split()
 
 
+@pytest.mark.parametrize("unit", ["relu_only_preact", "full_preact"])
+@pytest.mark.parametrize("arch", ["resnet164", "resnet50", "resnet20"])
+def test_projection_shortcut_is_preactivated(arch, unit):
+    # IM appendix: with pre-activation (Fig. 4d, 4e) the projection shortcuts are
+    # pre-activated too; the projection conv reads the unit's own pre-activation of its input
+    torch.manual_seed(0)
+    model = build_model(arch, 10, width=4, unit=unit, shortcut="B").train()
+    seen = {}
+
+    def block_input(block, inputs):
+        seen[block] = {"x": inputs[0]}
+
+    def projection_input(block, conv, inputs):
+        seen[block]["proj"] = inputs[0]
+
+    blocks = [m for m in model.modules()
+              if isinstance(m, ResidualBlock) and m.downsample is not None]
+    for block in blocks:
+        block.register_forward_pre_hook(block_input)
+        block.downsample[0].register_forward_pre_hook(
+            lambda conv, inputs, block=block: projection_input(block, conv, inputs))
+    size = 64 if arch_family(arch) == "imagenet" else 32
+    model(torch.randn(2, 3, size, size))
+    checked = 0
+    for block in blocks:
+        x, proj = seen[block]["x"], seen[block]["proj"]
+        assert proj.min() >= 0
+        if x.min() < 0:  # the output of a unit without a ReLU after its addition
+            assert block.pre_ops == (("relu",) if unit == "relu_only_preact" else ("bn1", "relu"))
+            expected = torch.relu(x) if unit == "relu_only_preact" else _pre(block, x)
+            torch.testing.assert_close(proj, expected, rtol=0, atol=0)
+            checked += 1
+    assert checked >= 2  # the later stages' first units
+
+
 def test_preact_nets_stem_and_head():
     cifar = op_kinds(build_model("preact_resnet110", 10, width=4))
     # bare conv stem, then the first unit's shared BN-ReLU: one BN-ReLU before the first conv
@@ -262,6 +297,90 @@ def test_preact_nets_stem_and_head():
     assert original[-4:] == ["add", "relu", "avgpool", "fc"]
 
 
+# ---------------------------------------------------------------- IM Table 1 shortcut variants
+
+
+def _gate(block, x):
+    return torch.sigmoid(block.gate(x))
+
+
+# (F, h, block, x) -> the sum before the original unit's final ReLU (IM Fig. 2)
+VARIANT_SUMS = {
+    "scale_shortcut": lambda f, h, b, x: f + 0.5 * h,
+    "scale_both": lambda f, h, b, x: 0.5 * f + 0.5 * h,
+    "exclusive_gating": lambda f, h, b, x: _gate(b, x) * f + (1 - _gate(b, x)) * h,
+    "exclusive_gating_b0": lambda f, h, b, x: _gate(b, x) * f + (1 - _gate(b, x)) * h,
+    "exclusive_gating_b7": lambda f, h, b, x: _gate(b, x) * f + (1 - _gate(b, x)) * h,
+    "shortcut_gating": lambda f, h, b, x: f + (1 - _gate(b, x)) * h,
+    "shortcut_gating_b0": lambda f, h, b, x: f + (1 - _gate(b, x)) * h,
+    "conv": lambda f, h, b, x: f + b.downsample(x),
+    "dropout": lambda f, h, b, x: f + 0.5 * h,  # eval: the expectation of the kept half
+}
+GATE_BIAS = {"exclusive_gating": -6.0, "exclusive_gating_b0": 0.0, "exclusive_gating_b7": -7.0,
+             "shortcut_gating": -6.0, "shortcut_gating_b0": 0.0}
+
+
+def test_variant_table_is_covered():
+    assert set(VARIANT_SUMS) == set(SHORTCUT_VARIANTS)
+
+
+@pytest.mark.parametrize("name", SHORTCUT_VARIANTS)
+@pytest.mark.parametrize("inplanes,stride", [(8, 1), (4, 2)])
+def test_shortcut_variant_forward(name, inplanes, stride):
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, width=4, shortcut_variant=name)
+    block = BasicBlock(inplanes, 8, stride, shortcut=SHORTCUT_VARIANTS[name].kind or "A",
+                       shortcut_variant=name).eval()
+    random_weights_(block)
+    if name in GATE_BIAS:
+        nn.init.constant_(block.gate.bias, GATE_BIAS[name] + 1.0)  # not what init set: fresh
+    x = torch.randn(2, inplanes, 6, 6)
+    with torch.no_grad():
+        f = block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(x)))))
+        h = x if block.downsample is None else block.downsample(x)
+        expected = torch.relu(VARIANT_SUMS[name](f, h, block, x))
+        torch.testing.assert_close(block(x), expected, rtol=1e-6, atol=1e-6)
+        # with F forced to zero the output is the (scaled, gated) shortcut alone
+        nn.init.zeros_(block.bn2.weight)
+        nn.init.zeros_(block.bn2.bias)
+        block.bn2.running_mean.zero_()
+        expected = torch.relu(VARIANT_SUMS[name](torch.zeros_like(f), h, block, x))
+        torch.testing.assert_close(block(x), expected, rtol=1e-6, atol=1e-6)
+    # in a built net every unit has the variant; gates start at the paper's b_g
+    blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+    assert len(blocks) == 9 and all(m.shortcut_variant is SHORTCUT_VARIANTS[name]
+                                    for m in blocks)
+    if name in GATE_BIAS:
+        assert all(torch.all(m.gate.bias == GATE_BIAS[name]) for m in blocks)
+    else:
+        assert all(m.gate is None for m in blocks)
+    if name == "conv":  # 1x1 conv shortcut everywhere = option C
+        assert all(isinstance(m.downsample, nn.Sequential) for m in blocks)
+
+
+def test_dropout_shortcut_in_training_keeps_half_unscaled():
+    torch.manual_seed(0)
+    block = BasicBlock(8, 8, unit="full_preact", shortcut_variant="dropout").train()
+    x = torch.randn(4, 8, 16, 16)
+    nn.init.zeros_(block.conv2.weight)  # F = 0: the output is the dropped shortcut
+    out = block(x)
+    kept = out == x
+    assert torch.all(kept | (out == 0))
+    assert 0.45 < kept.float().mean().item() < 0.55
+    torch.testing.assert_close(block.eval()(x), 0.5 * x)
+
+
+def test_plain_identity_by_default():
+    torch.manual_seed(0)
+    a = build_model("resnet20", 10, width=4)
+    torch.manual_seed(0)
+    b = build_model("resnet20", 10, width=4, shortcut_variant=None)
+    assert list(a.state_dict()) == list(b.state_dict())
+    assert not any("gate" in k for k in a.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- init
 
 
@@ -274,9 +393,22 @@ def test_init_statistics():
     assert torch.equal(model.layer3[1].bn2.bias, torch.zeros(256))
 
 
-@pytest.mark.parametrize("arch,unit", [("resnet20", "original"), ("resnet56", "full_preact"),
-                                       ("resnet18", "original"), ("resnet50", "full_preact"),
-                                       ("resnet164", "full_preact")])
+def _pre(block: ResidualBlock, x: torch.Tensor) -> torch.Tensor:
+    """A block's shared pre-activation, recomputed independently (train-mode BN)."""
+    for name in block.pre_ops:
+        if name == "relu":
+            x = torch.relu(x)
+        else:
+            bn = getattr(block, name)
+            x = nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, training=True)
+    return x
+
+
+ZERO_INIT_UNITS = ["original", "relu_only_preact", "full_preact"]
+
+
+@pytest.mark.parametrize("unit", ZERO_INIT_UNITS)
+@pytest.mark.parametrize("arch", ["resnet20", "resnet18", "resnet50", "resnet164"])
 def test_zero_init_makes_identity_blocks(arch, unit):
     torch.manual_seed(0)
     model = build_model(arch, 10, width=4, unit=unit, zero_init_residual=True)
@@ -285,8 +417,10 @@ def test_zero_init_makes_identity_blocks(arch, unit):
 
     def check(block, inputs, output):
         (x,) = inputs
-        if block.downsample is None and not block.pre_ops:
-            expected = x if unit == "full_preact" else torch.relu(x)
+        if block.downsample is None:  # identity shortcut (after any shared pre-activation)
+            expected = _pre(block, x)
+            if unit == "original":  # ReLU follows the addition
+                expected = torch.relu(expected)
             torch.testing.assert_close(output, expected, rtol=0, atol=0)
             seen.append(block)
 
@@ -296,21 +430,49 @@ def test_zero_init_makes_identity_blocks(arch, unit):
     size = 64 if arch_family(arch) == "imagenet" else 32
     model(torch.randn(2, 3, size, size))
     assert len(seen) >= 5
+    # a block on its own, on a random input with negative values
+    block = model.layer1[1]
+    x = torch.randn(2, block.conv1.in_channels, 8, 8)
+    torch.testing.assert_close(block(x), torch.relu(x) if unit == "original" else x,
+                               rtol=0, atol=0)
     # without zero init the same blocks change their input
     torch.manual_seed(0)
     plain_init = build_model(arch, 10, width=4, unit=unit)
     block = plain_init.layer1[1]
-    x = torch.rand(2, block.conv1.in_channels, 8, 8)
-    assert not torch.allclose(block(x), x if unit == "full_preact" else torch.relu(x))
+    assert not torch.allclose(block(x), torch.relu(x) if unit == "original" else x)
 
 
-def test_zero_init_targets_last_weighted_layer():
-    for unit, name in [("original", "bn3"), ("relu_before_add", "bn3"),
-                       ("relu_only_preact", "bn3"), ("bn_after_add", "conv3"),
+def test_zero_init_targets_the_layer_that_ends_f():
+    for unit, name in [("original", "bn3"), ("relu_only_preact", "bn3"),
                        ("full_preact", "conv3")]:
         block = Bottleneck(16, 4, unit=unit)
         block.zero_init_last()
         assert torch.count_nonzero(getattr(block, name).weight) == 0, unit
+    for unit in ("bn_after_add", "relu_before_add"):
+        with pytest.raises(ValueError):
+            Bottleneck(16, 4, unit=unit).zero_init_last()
+
+
+@pytest.mark.parametrize("unit,needle", [("bn_after_add", "normalises"),
+                                         ("relu_before_add", "never train")])
+def test_zero_init_refused_where_no_trainable_identity(unit, needle):
+    with pytest.raises(UserError, match=needle) as info:
+        build_model("resnet20", 10, unit=unit, zero_init_residual=True)
+    assert "\n" not in str(info.value) and unit in str(info.value)
+
+
+def test_relu_before_add_with_zeroed_bn_is_dead():
+    # why relu_before_add is refused: F = relu(bn(...)) with gamma 0 outputs exactly 0 and
+    # passes no gradient to any weight of the branch
+    torch.manual_seed(0)
+    block = BasicBlock(4, 4, unit="relu_before_add")
+    nn.init.zeros_(block.bn2.weight)
+    x = torch.randn(2, 4, 6, 6)
+    out = block(x)
+    torch.testing.assert_close(out, x, rtol=0, atol=0)
+    (out * torch.randn_like(out)).sum().backward()
+    for name, p in block.named_parameters():
+        assert torch.count_nonzero(p.grad) == 0, name
 
 
 # ---------------------------------------------------------------- layout, norms, errors
@@ -379,6 +541,17 @@ def test_report_norms_off_by_default():
     ("plain20", {"zero_init_residual": True}, ["zero_init_residual"]),
     ("plain20", {"shortcut": "A"}, ["plain20", "shortcut"]),
     ("preact_resnet110", {"unit": "original"}, ["full_preact"]),
+    # arch names are exact, the hint ignores case
+    ("RESNET50", {}, ["'RESNET50'", "did you mean 'resnet50'?"]),
+    ("ResNet-110", {}, ["did you mean 'resnet110'?"]),
+    # option A on bottleneck nets: the first unit widens 4x
+    ("resnet50", {"shortcut": "A"}, ["shortcut='A'", "resnet50", "bottleneck", "1/4", "B"]),
+    ("preact_resnet164", {"shortcut": "A"}, ["preact_resnet164", "bottleneck"]),
+    ("resnet20", {"shortcut_variant": "gating"}, ["shortcut_variant", "exclusive_gating"]),
+    ("plain20", {"shortcut_variant": "scale_both"}, ["shortcut_variant", "plain20"]),
+    ("resnet110", {"shortcut_variant": "conv", "shortcut": "A"}, ["option C", "'A'"]),
+    ("resnet20", {"shortcut_variant": "dropout", "zero_init_residual": True},
+     ["zero_init_residual", "dropout"]),
 ])
 def test_bad_arch_or_option_raises_user_error(arch, options, needles):
     with pytest.raises(UserError) as info:

@@ -12,13 +12,15 @@ from typing import Any
 from torch import nn
 
 from resnet_train.errors import UserError
-from resnet_train.models.blocks import (SHORTCUTS, UNITS, BasicBlock, Bottleneck, ResidualBlock,
+from resnet_train.models.blocks import (SHORTCUT_VARIANTS, SHORTCUTS, UNITS, ZERO_INIT_REFUSED,
+                                        BasicBlock, Bottleneck, ResidualBlock,
                                         collect_block_norms, set_report_norms)
 from resnet_train.models.cifar import CifarResNet
 from resnet_train.models.imagenet import ImageNetResNet
 
-__all__ = ["ARCHS", "ARCH_SPECS", "OPTIONS", "SHORTCUTS", "UNITS", "ArchSpec", "ResidualBlock",
-           "arch_family", "build_model", "collect_block_norms", "set_report_norms"]
+__all__ = ["ARCHS", "ARCH_SPECS", "OPTIONS", "SHORTCUTS", "SHORTCUT_VARIANTS", "UNITS",
+           "ArchSpec", "ResidualBlock", "arch_family", "build_model", "collect_block_norms",
+           "set_report_norms"]
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,8 @@ ARCH_SPECS: dict[str, ArchSpec] = {
     "plain110": ArchSpec("cifar", _B, (18, 18, 18), **_PLAIN),
     "preact_resnet110": ArchSpec("cifar", _B, (18, 18, 18), "A", **_PREACT),
     # CIFAR, depth 9n+2 bottleneck (He et al. 2016). The first unit already changes width
-    # (16 -> 64), so option A would zero-pad 3/4 of it: project instead.
+    # (16 -> 64), so option A would zero-pad 3/4 of it: project instead (and A is refused
+    # for every bottleneck net, see build_model).
     "resnet164": ArchSpec("cifar", _P, (18, 18, 18), "B"),
     "resnet1001": ArchSpec("cifar", _P, (111, 111, 111), "B"),
     "preact_resnet164": ArchSpec("cifar", _P, (18, 18, 18), "B", **_PREACT),
@@ -98,6 +101,7 @@ OPTIONS = {
     "shortcut": "the arch's: B for ImageNet nets, A for CIFAR basic, B for CIFAR bottleneck",
     "unit": "the arch's: original, full_preact for preact_*",
     "zero_init_residual": "False",
+    "shortcut_variant": "plain identity sum F(x) + h(x) (IM Table 1's variants: SHORTCUT_VARIANTS)",
     "width": "64 for ImageNet nets, 16 for CIFAR nets",
     "in_channels": "3",
     "report_norms": "False",
@@ -107,7 +111,9 @@ OPTIONS = {
 def _spec(arch: str) -> ArchSpec:
     if arch in ARCH_SPECS:
         return ARCH_SPECS[arch]
-    close = difflib.get_close_matches(str(arch), ARCHS, n=1)
+    # Names are matched exactly (configs, run tables and resume compare the string), but the
+    # hint ignores case: RESNET50 -> 'resnet50'.
+    close = difflib.get_close_matches(str(arch).lower(), ARCHS, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise UserError(f"unknown arch {arch!r}{hint}; valid: {', '.join(ARCHS)}")
 
@@ -139,8 +145,9 @@ def _flag(name: str, value: Any) -> bool:
 def build_model(arch: str, num_classes: int, **options: Any) -> nn.Module:
     """Build `arch` with `num_classes` outputs; options left out or None take the arch's default.
 
-    Options: variant, shortcut, unit, zero_init_residual, width, in_channels, report_norms
-    (see `OPTIONS`). Raises UserError for an unknown arch, option or value.
+    Options: variant, shortcut, unit, zero_init_residual, shortcut_variant, width,
+    in_channels, report_norms (see `OPTIONS`). Raises UserError for an unknown arch, option
+    or value, and for combinations the papers' nets cannot be built with.
     """
     spec = _spec(arch)
     family = FAMILIES[spec.family]
@@ -153,16 +160,38 @@ def build_model(arch: str, num_classes: int, **options: Any) -> nn.Module:
             raise UserError(f"{arch} fixes {name}={getattr(spec, name)!r}; got {given[name]!r}")
     variant = _choice("variant", given.get("variant", family.variants[0]), family.variants,
                       f" for {arch} ({spec.family} net)")
-    shortcut = _choice("shortcut", given.get("shortcut", spec.shortcut), SHORTCUTS)
+    sv_name = given.get("shortcut_variant")
+    if sv_name is not None:
+        _choice("shortcut_variant", sv_name, tuple(SHORTCUT_VARIANTS))
+    implied = SHORTCUT_VARIANTS[sv_name].kind if sv_name else ""
+    shortcut = _choice("shortcut", given.get("shortcut", implied or spec.shortcut), SHORTCUTS)
+    if implied and shortcut != implied:
+        raise UserError(f"shortcut_variant={sv_name!r} is option {implied}; got "
+                        f"shortcut={shortcut!r}")
+    if sv_name and shortcut == "none":
+        raise UserError(f"shortcut_variant={sv_name!r} needs a shortcut; {arch} has none")
+    if shortcut == "A" and spec.block is Bottleneck:
+        # fb.resnet.torch's option A pads by concatenating zeros (C -> 2C), which cannot
+        # build the first bottleneck unit (64 -> 256) at all; DRL uses B for bottleneck nets.
+        raise UserError(f"shortcut='A' is not valid for {arch} (a bottleneck net): its first "
+                        "unit widens 4x, so a zero-padded identity would carry only 1/4 of "
+                        "the channels; use B (projection on change, the papers' choice) or C")
     unit = _choice("unit", given.get("unit", spec.unit), tuple(UNITS))
     zero_init = _flag("zero_init_residual", given.get("zero_init_residual", False))
     if zero_init and shortcut == "none":
         raise UserError(f"zero_init_residual needs a shortcut: {arch} with shortcut='none' "
                         "would output zeros from every block")
+    if zero_init and unit in ZERO_INIT_REFUSED:
+        raise UserError(f"zero_init_residual is not valid with unit={unit!r}: "
+                        f"{ZERO_INIT_REFUSED[unit]}")
+    if zero_init and sv_name:
+        raise UserError(f"zero_init_residual is not valid with shortcut_variant={sv_name!r}: "
+                        "its shortcut is not an identity, so no block starts as one")
     model = family.network(
         spec.block, spec.layers, _positive_int("num_classes", num_classes),
         width=_positive_int("width", given.get("width", family.width)),
         in_channels=_positive_int("in_channels", given.get("in_channels", 3)),
-        variant=variant, shortcut=shortcut, unit=unit, zero_init_residual=zero_init)
+        variant=variant, shortcut=shortcut, unit=unit, zero_init_residual=zero_init,
+        shortcut_variant=sv_name)
     set_report_norms(model, _flag("report_norms", given.get("report_norms", False)))
     return model

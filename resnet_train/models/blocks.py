@@ -24,18 +24,43 @@ class Unit:
     last: str  # around the last conv of the branch
     post: str  # after the addition; its "bn" is the last conv's BN
     head: str  # after the last unit, before pooling
-    shared_preact: bool  # a stage's first unit applies its leading BN-ReLU to both paths
+    # A stage's first unit applies its leading ops (those before its first conv) to both
+    # paths: IM, appendix: "when preactivation is used (Fig. 4d/e), these projection
+    # shortcuts are also with pre-activation".
+    shared_preact: bool
     projection_bn: bool  # projection shortcut is conv+BN; False keeps the identity path clean
+    # What zero_init_residual zeroes so that F(x) = 0 at init: "bn" the gamma of the BN that
+    # ends F, "conv" the last conv's weight; "" refused (ZERO_INIT_REFUSED says why).
+    zero_init: str
+
+    @property
+    def lead(self) -> list[str]:
+        """The ops before a unit's first conv."""
+        ops = self.layer.split()
+        return ops[: ops.index("conv")]
 
 
 UNITS: dict[str, Unit] = {
-    "original": Unit("conv bn relu", "conv bn", "relu", "", False, True),
-    "bn_after_add": Unit("conv bn relu", "conv", "bn relu", "", False, True),
-    "relu_before_add": Unit("conv bn relu", "conv bn relu", "", "", False, True),
+    "original": Unit("conv bn relu", "conv bn", "relu", "", False, True, "bn"),
+    "bn_after_add": Unit("conv bn relu", "conv", "bn relu", "", False, True, ""),
+    "relu_before_add": Unit("conv bn relu", "conv bn relu", "", "", False, True, ""),
     # Without a ReLU after the add the last unit's output would reach the pool unrectified.
-    "relu_only_preact": Unit("relu conv bn", "relu conv bn", "", "relu", False, True),
+    "relu_only_preact": Unit("relu conv bn", "relu conv bn", "", "relu", True, True, "bn"),
     # ResNet v2, as fb.resnet.torch preresnet.lua and Kaiming's resnet-pre-act.lua build it.
-    "full_preact": Unit("bn relu conv", "bn relu conv", "", "bn relu", True, False),
+    # Zeroing the last conv, not the BN before it: BN-ReLU of gamma 0 outputs exactly 0,
+    # where ReLU passes no gradient, and the branch would never train.
+    "full_preact": Unit("bn relu conv", "bn relu conv", "", "bn relu", True, False, "conv"),
+}
+
+# zero_init_residual, per unit order (IM Fig. 4), for a block with an identity shortcut:
+#   original          last BN gamma  -> block(x) = relu(x)   (the ReLU after the addition)
+#   relu_only_preact  last BN gamma  -> block(x) = x
+#   full_preact       last conv      -> block(x) = x
+#   bn_after_add, relu_before_add: refused, for the reasons below.
+ZERO_INIT_REFUSED = {
+    "bn_after_add": "the BN after the addition normalises x, so no block starts as an identity",
+    "relu_before_add": "F ends with a ReLU whose input would be exactly 0, where ReLU passes "
+                       "no gradient: the branches would never train",
 }
 
 # Where a unit's leading ops (those before its first conv) run: "branch" in F only;
@@ -82,6 +107,37 @@ def make_shortcut(kind: str, inplanes: int, outplanes: int, stride: int,
     return nn.Sequential(*layers)
 
 
+@dataclass(frozen=True)
+class ShortcutVariant:
+    """One shortcut of IM Table 1 / Fig. 2: out = post(branch * F(x) + shortcut * h(x))."""
+
+    shortcut: float = 1.0  # constant scale of h(x)
+    branch: float = 1.0  # constant scale of F(x)
+    gate: str = ""  # "exclusive": h * (1 - g), F * g; "shortcut": h * (1 - g)
+    gate_bias: float = 0.0  # b_g of g(x) = sigmoid(conv1x1(x) + b_g)
+    dropout: float = 0.0  # drop ratio on h(x)
+    kind: str = ""  # a shortcut kind (SHORTCUTS) the variant implies
+
+
+# IM Table 1 (ResNet-110, original units, CIFAR-10 test error, median of 5 runs); the paper
+# does not say what the units that change dimensions do: here every unit gets the variant,
+# applied to whatever its shortcut h(x) is (identity, option A's padded identity, projection).
+SHORTCUT_VARIANTS: dict[str, ShortcutVariant] = {
+    "scale_shortcut": ShortcutVariant(shortcut=0.5),  # lambda = 0.5, F unscaled: fail
+    "scale_both": ShortcutVariant(shortcut=0.5, branch=0.5),  # "frozen gating": 12.35
+    "exclusive_gating": ShortcutVariant(gate="exclusive", gate_bias=-6.0),  # 8.70
+    "exclusive_gating_b0": ShortcutVariant(gate="exclusive", gate_bias=0.0),  # fail (0..-5)
+    "exclusive_gating_b7": ShortcutVariant(gate="exclusive", gate_bias=-7.0),  # 9.81
+    "shortcut_gating": ShortcutVariant(gate="shortcut", gate_bias=-6.0),  # 6.91
+    "shortcut_gating_b0": ShortcutVariant(gate="shortcut", gate_bias=0.0),  # 12.86
+    # "1x1 convolutional shortcut ... (known as option C)" (IM Sec. 3.1): 12.22
+    "conv": ShortcutVariant(kind="C"),
+    # IM Sec. 3.1: dropout "statistically imposes a scale of lambda with an expectation of
+    # 0.5 on the shortcut", so no 1/(1-p) rescaling while training: fail
+    "dropout": ShortcutVariant(dropout=0.5),
+}
+
+
 class ResidualBlock(nn.Module):
     """out = post(F(x) + shortcut(x)), with F's op order taken from `UNITS[unit]`.
 
@@ -93,7 +149,7 @@ class ResidualBlock(nn.Module):
     expansion = 1
 
     def __init__(self, convs: list[nn.Conv2d], stride: int, *, unit: str, shortcut: str,
-                 preact: str = "branch") -> None:
+                 preact: str = "branch", shortcut_variant: str | None = None) -> None:
         super().__init__()
         if preact not in PREACT_MODES:
             raise ValueError(f"preact={preact!r}; valid: {PREACT_MODES}")
@@ -129,6 +185,16 @@ class ResidualBlock(nn.Module):
         self.downsample = make_shortcut(shortcut, convs[0].in_channels, convs[-1].out_channels,
                                         stride, spec.projection_bn)
         self.residual = shortcut != "none"
+        # IM Table 1's shortcut variants; None is the plain sum F(x) + h(x).
+        self.shortcut_variant = (None if shortcut_variant is None
+                                 else SHORTCUT_VARIANTS[shortcut_variant])
+        self.gate: nn.Conv2d | None = None
+        if self.shortcut_variant is not None and self.shortcut_variant.gate:
+            # g(x) = sigmoid(W_g x + b_g), W_g a 1x1 conv (IM Sec. 3.1), one gate per element
+            self.gate = nn.Conv2d(convs[0].in_channels, convs[-1].out_channels, 1,
+                                  stride=stride, bias=True)
+            nn.init.constant_(self.gate.bias, self.shortcut_variant.gate_bias)
+        self.zero_init = spec.zero_init
         self.pre_ops = tuple("bn1" if t == "bn" else t for t in pre)
         self.branch_ops = tuple(branch)
         self.post_ops = tuple(f"bn{k}" if t == "bn" else t for t in post)
@@ -145,13 +211,32 @@ class ResidualBlock(nn.Module):
         if self.report_norms:
             self.last_norms = (_norm(out), _norm(block_input))
         if self.residual:
-            out = out + (x if self.downsample is None else self.downsample(x))
+            h = x if self.downsample is None else self.downsample(x)
+            if self.shortcut_variant is not None:
+                out, h = self._vary(out, h, x)
+            out = out + h
         for name in self.post_ops:
             out = getattr(self, name)(out)
         return out
 
+    def _vary(self, f: Tensor, h: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(F, h) scaled, gated or dropped as the shortcut variant says (IM Fig. 2)."""
+        v = self.shortcut_variant
+        if self.gate is not None:
+            g = torch.sigmoid(self.gate(x))
+            h = h * (1 - g)
+            if v.gate == "exclusive":
+                f = f * g
+        if v.dropout:
+            # training: h times a keep-mask, not rescaled by 1/(1-p), so E = (1-p) h as the
+            # paper says; eval: (1-p) h, that expectation
+            h = F.dropout(h, v.dropout, self.training) * (1 - v.dropout)
+        return f * v.branch, h * v.shortcut
+
     def zero_init_last(self) -> None:
-        """Zero the last weighted layer of F (BN gamma, or the conv when F ends with one)."""
+        """Zero the layer that ends F (`Unit.zero_init`: BN gamma or last conv): F(x) = 0."""
+        if not self.zero_init:
+            raise ValueError("this unit order cannot start as an identity")
         last = next(n for n in reversed(self.branch_ops) if n != "relu")
         nn.init.zeros_(getattr(self, last).weight)
 
@@ -166,10 +251,12 @@ class BasicBlock(ResidualBlock):
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, *, unit: str = "original",
-                 shortcut: str = "B", variant: str = "v1.5", preact: str = "branch") -> None:
+                 shortcut: str = "B", variant: str = "v1.5", preact: str = "branch",
+                 shortcut_variant: str | None = None) -> None:
         # variant only moves the stride inside a bottleneck; a basic block has one place for it
         convs = [conv3x3(inplanes, planes, stride), conv3x3(planes, planes)]
-        super().__init__(convs, stride, unit=unit, shortcut=shortcut, preact=preact)
+        super().__init__(convs, stride, unit=unit, shortcut=shortcut, preact=preact,
+                         shortcut_variant=shortcut_variant)
 
 
 # Which conv of a bottleneck carries the stride: the paper's 1x1, or the 3x3 (torchvision,
@@ -183,17 +270,20 @@ class Bottleneck(ResidualBlock):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, *, unit: str = "original",
-                 shortcut: str = "B", variant: str = "v1.5", preact: str = "branch") -> None:
+                 shortcut: str = "B", variant: str = "v1.5", preact: str = "branch",
+                 shortcut_variant: str | None = None) -> None:
         strides = [1, 1, 1]
         strides[STRIDE_CONV[variant]] = stride
         convs = [conv1x1(inplanes, planes, strides[0]), conv3x3(planes, planes, strides[1]),
                  conv1x1(planes, planes * self.expansion, strides[2])]
-        super().__init__(convs, stride, unit=unit, shortcut=shortcut, preact=preact)
+        super().__init__(convs, stride, unit=unit, shortcut=shortcut, preact=preact,
+                         shortcut_variant=shortcut_variant)
 
 
 def make_stage(block: type[ResidualBlock], inplanes: int, planes: int, blocks: int,
                stride: int, *, unit: str, shortcut: str, variant: str,
-               first_preact: str) -> tuple[nn.Sequential, int]:
+               first_preact: str, shortcut_variant: str | None = None
+               ) -> tuple[nn.Sequential, int]:
     """`blocks` units, the first of which strides and widens; returns (stage, out channels)."""
     # Only units that share their leading BN-ReLU treat a stage's first block specially.
     mode = first_preact if UNITS[unit].shared_preact else "branch"
@@ -201,7 +291,8 @@ def make_stage(block: type[ResidualBlock], inplanes: int, planes: int, blocks: i
     for i in range(blocks):
         layers.append(block(inplanes, planes, stride if i == 0 else 1, unit=unit,
                             shortcut=shortcut, variant=variant,
-                            preact=mode if i == 0 else "branch"))
+                            preact=mode if i == 0 else "branch",
+                            shortcut_variant=shortcut_variant))
         inplanes = planes * block.expansion
     return nn.Sequential(*layers), inplanes
 

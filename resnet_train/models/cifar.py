@@ -15,18 +15,24 @@ class CifarResNet(nn.Module):
     def __init__(self, block: type[ResidualBlock], layers: tuple[int, int, int],
                  num_classes: int = 10, *, width: int = 16, in_channels: int = 3,
                  variant: str = "v1", shortcut: str = "A", unit: str = "original",
-                 zero_init_residual: bool = False) -> None:
+                 zero_init_residual: bool = False, shortcut_variant: str | None = None) -> None:
         super().__init__()
         # With full pre-activation the stem is a bare conv: the first unit's shared BN-ReLU
         # normalises both its paths (fb.resnet.torch preresnet, Kaiming's resnet-pre-act.lua).
-        bare_stem = UNITS[unit].shared_preact
+        # A unit that leads with a bare ReLU keeps the stem's BN-ReLU; layer1's first unit
+        # then omits its ReLU, which would see rectified input.
+        bare_stem = "bn" in UNITS[unit].lead
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
         self.bn1 = nn.Identity() if bare_stem else nn.BatchNorm2d(width)
         self.relu = nn.Identity() if bare_stem else nn.ReLU(inplace=True)
-        common = dict(unit=unit, shortcut=shortcut, variant=variant, first_preact="shared")
-        self.layer1, c = make_stage(block, width, width, layers[0], 1, **common)
-        self.layer2, c = make_stage(block, c, width * 2, layers[1], 2, **common)
-        self.layer3, c = make_stage(block, c, width * 4, layers[2], 2, **common)
+        common = dict(unit=unit, shortcut=shortcut, variant=variant,
+                      shortcut_variant=shortcut_variant)
+        self.layer1, c = make_stage(block, width, width, layers[0], 1,
+                                    first_preact="shared" if bare_stem else "omit", **common)
+        self.layer2, c = make_stage(block, c, width * 2, layers[1], 2, first_preact="shared",
+                                    **common)
+        self.layer3, c = make_stage(block, c, width * 4, layers[2], 2, first_preact="shared",
+                                    **common)
         self.final_act = make_head_act(unit, c)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(c, num_classes)

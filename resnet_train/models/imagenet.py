@@ -14,7 +14,7 @@ class ImageNetResNet(nn.Module):
     def __init__(self, block: type[ResidualBlock], layers: tuple[int, int, int, int],
                  num_classes: int = 1000, *, width: int = 64, in_channels: int = 3,
                  variant: str = "v1.5", shortcut: str = "B", unit: str = "original",
-                 zero_init_residual: bool = False) -> None:
+                 zero_init_residual: bool = False, shortcut_variant: str | None = None) -> None:
         super().__init__()
         # The stem keeps its BN-ReLU even for pre-activation units: it must precede the max
         # pool, so layer1's first unit omits its own (fb.resnet.torch preresnet.lua).
@@ -22,7 +22,8 @@ class ImageNetResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        common = dict(unit=unit, shortcut=shortcut, variant=variant)
+        common = dict(unit=unit, shortcut=shortcut, variant=variant,
+                      shortcut_variant=shortcut_variant)
         self.layer1, c = make_stage(block, width, width, layers[0], 1, first_preact="omit",
                                     **common)
         self.layer2, c = make_stage(block, c, width * 2, layers[1], 2, first_preact="shared",
