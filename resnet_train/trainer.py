@@ -308,7 +308,7 @@ class Trainer:
             x, y = next(batches)
             t1 = time.perf_counter()
             x = self.data.train_prep(x.to(device, non_blocking=True),
-                                     batch_generator(cfg.run.seed, epoch, step, info.rank, gen))
+                                     batch_generator(cfg.run.seed, epoch, step, 0, gen))
             lr = self.schedule.apply(st.step)
             stats = self.train_step(self.runtime.layout(x), y.to(device, non_blocking=True))
             self.epoch_meter.add(stats)

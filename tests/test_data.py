@@ -358,6 +358,36 @@ def test_color_jitter_matches_torchvision_per_image():
     assert not torch.allclose(same, jit)
 
 
+def test_prep_draws_per_global_batch_so_ranks_equal_one_process():
+    """Jitter and lighting of a rank's slice are those of the same images in one process's
+    full batch: each rank draws for the global batch (same generator seed) and keeps its part."""
+    x = torch.randint(0, 256, (8, 3, 5, 6), dtype=torch.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def prep(rank=0, world=1):
+        return P.DevicePrep(mean, std, pca_alpha=0.1, color_jitter=0.4, rank=rank, world=world)
+
+    def gen():  # what the trainer passes every rank for a step: a rank-independent seed
+        return torch.Generator().manual_seed(mix_seed(7, 0, 3, 0, 2))
+
+    full = prep()(x, gen())
+    ranks = [prep(r, 2)(x[4 * r:4 * r + 4], gen()) for r in range(2)]
+    assert torch.equal(torch.cat(ranks), full)
+    # The slice matters: rank 1 drawing as a one-process batch of 4 would repeat rank 0's draws.
+    assert not torch.allclose(prep()(x[4:], gen()), ranks[1])
+    # Negative control: the draws vary per image (identical images come out different) ...
+    same = x[:1].expand(8, -1, -1, -1).contiguous()
+    out = prep()(same, gen())
+    assert all(not torch.allclose(out[0], out[i]) for i in range(1, 8))
+    plain = P.DevicePrep(mean, std)(same)
+    assert torch.equal(plain[0], plain[7])
+    # ... and both augmentations take part (each alone differs from both together).
+    for alone in (dict(pca_alpha=0.1), dict(color_jitter=0.4)):
+        assert not torch.allclose(P.DevicePrep(mean, std, **alone)(x, gen()), full)
+    with pytest.raises(ValueError, match="rank 2"):
+        P.DevicePrep(mean, std, rank=2, world=2)
+
+
 # --------------------------------------------------------------------------- CIFAR pad-crop-flip
 
 

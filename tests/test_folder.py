@@ -14,7 +14,7 @@ from PIL import Image
 
 from resnet_train.config import load_config
 from resnet_train.data import build_data, folder
-from resnet_train.data.sampling import epoch_permutation, train_batch_indices
+from resnet_train.data.sampling import batch_generator, epoch_permutation, train_batch_indices
 from resnet_train.errors import ConfigError, DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,8 +141,9 @@ def test_ddp_shards_are_the_global_batch(tmp_path, world):
     root = str(tmp_path / "d")
     make_split(root, "train", {"a": 20, "b": 16})  # 36 images
     make_split(root, "val", {"a": 6, "b": 5}, start=36)
-    c = cfg(root, batch_size=12)
-    single = epoch(build(c).train, 1)
+    c = cfg(root, batch_size=12, train={"pca_lighting": 0.1, "color_jitter": 0.4})
+    one = build(c)
+    single = epoch(one.train, 1)
     ranks = [build(c, r, world) for r in range(world)]
     per_rank = [epoch(r.train, 1) for r in ranks]
     assert all(len(p) == len(single) == 3 for p in per_rank)
@@ -150,6 +151,10 @@ def test_ddp_shards_are_the_global_batch(tmp_path, world):
         xs = torch.cat([p[step][0] for p in per_rank])
         ys = torch.cat([p[step][1] for p in per_rank])
         assert torch.equal(xs, x) and torch.equal(ys, y)  # augmentation included
+        # the on-device jitter and lighting too, with the trainer's rank-independent seed
+        prepared = [r.train_prep(p[step][0], batch_generator(7, 1, step, 0)).clone()
+                    for r, p in zip(ranks, per_rank, strict=True)]
+        assert torch.equal(torch.cat(prepared), one.train_prep(x, batch_generator(7, 1, step, 0)))
     # validation: every image once over the ranks, in order, no padding
     val = [i for r in ranks for x, _ in r.val.batches(0) for i, _ in decode(x)]
     assert val == list(range(36, 47))
@@ -229,6 +234,46 @@ def test_bad_image_error_names_the_path_in_process_and_from_workers(tree):
         msg = str(err.value)
         assert any(p in msg for p in bad) and "unreadable image" in msg
         b.train.close()
+
+
+def test_12bit_jpeg_reports_its_precision_not_cannot_identify(tree):
+    buf = io.BytesIO()
+    Image.new("RGB", (W, H), (90, 20, 200)).save(buf, "JPEG", quality=90)
+    data = bytearray(buf.getvalue())
+    sof = data.find(b"\xff\xc0")  # SOF0: marker, 2-byte length, then the precision byte
+    assert sof > 0 and data[sof + 4] == 8
+    data[sof + 4] = 12
+    path = os.path.join(tree, "train", "ant", "deep.jpg")
+    with open(path, "wb") as fh:
+        fh.write(data)
+    b = build(cfg(tree, batch_size=25, on_bad_image="error"))  # 25 images: one batch reads all
+    with pytest.raises(DataError) as err:
+        epoch(b.train, 0)
+    msg = str(err.value)
+    assert path in msg and "unsupported JPEG data precision 12" in msg
+    assert "cannot identify" not in msg
+    b = build(cfg(tree, batch_size=25))  # skip: replaced, counted and named
+    assert [x.shape[0] for x, _ in epoch(b.train, 0)] == [25]
+    assert b.train.bad_report() == (1, [path])
+
+
+def test_images_beside_class_folders_are_ignored_with_one_warning(tree, capfd):
+    val = os.path.join(tree, "val")
+    for k in range(3):  # what an interrupted prepare_imagenet_val.py --apply leaves
+        Image.new("RGB", (W, H)).save(os.path.join(val, f"ILSVRC2012_val_{k + 1:08d}.JPEG"))
+    with open(os.path.join(val, "notes.txt"), "w") as fh:  # not an image: not counted
+        fh.write("x")
+    Image.new("RGB", (W, H)).save(os.path.join(val, ".hidden.png"))
+    capfd.readouterr()
+    b = build(cfg(tree))
+    out, err = capfd.readouterr()
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert lines == [f"warning: {val} holds 3 image files outside class folders (ignored); an "
+                     f"interrupted scripts/prepare_imagenet_val.py --apply leaves this: "
+                     f"run it again"]
+    assert b.info["val_samples"] == 7  # the class folders' images only
+    build(cfg(tree), rank=1, world=2)  # rank 0 speaks
+    assert capfd.readouterr() == ("", "")
 
 
 def test_workers_give_the_same_batches_as_in_process(tree):

@@ -1,4 +1,6 @@
-"""CIFAR-10 / CIFAR-100 held in memory on the training device (docs/architecture.md, "CIFAR lives in memory").
+"""CIFAR-10 / CIFAR-100 held in memory on the training device.
+
+docs/architecture.md, "CIFAR lives in memory".
 
 The python-pickle files are read once (shapes, dtype and label range validated, not
 checksums, so converted or subsetted files work); each split becomes one uint8 tensor on
@@ -34,14 +36,16 @@ LAYOUTS = {
                      md5="eb9058c3a382ffc7106e4002c42a8d85"),
 }
 _LABELS = {("cifar10", "fine"): ("labels", 10), ("cifar10", "coarse"): ("labels", 10),
-           ("cifar100", "fine"): ("fine_labels", 100), ("cifar100", "coarse"): ("coarse_labels", 20)}
+           ("cifar100", "fine"): ("fine_labels", 100),
+           ("cifar100", "coarse"): ("coarse_labels", 20)}
 _NAMES = {("cifar100", "coarse"): "coarse_label_names"}
 
 
 class _SafeUnpickler(pickle.Unpickler):
     """Only what a CIFAR file holds: dicts, lists, bytes and numpy arrays. No code."""
 
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct"),
                 ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
                 ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
                 ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode"),
@@ -205,7 +209,8 @@ def build_cifar(cfg, device, rank: int, world: int, run_dir=None) -> DataBundle:
         train_x, train_y = train_x[tr], train_y[tr]
     else:
         val_x, val_y = (torch.from_numpy(a) for a in data["test"])
-    mean_c, std_c = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+    mean_c, std_c = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" \
+        else (CIFAR100_MEAN, CIFAR100_STD)
     mean = d.mean or mean_c
     if d.normalize == "pixel_mean":  # the paper: the per-pixel mean of the training images
         mean = torch.from_numpy(train_x.numpy().mean(0, dtype=np.float64) / 255.0).float()
@@ -219,7 +224,8 @@ def build_cifar(cfg, device, rank: int, world: int, run_dir=None) -> DataBundle:
     val = TensorSplit(val_x.to(device), val_y.to(device), d.batch_size // world, rank, world)
     reuse = torch.device(device).type == "cpu"  # the trainer is done with a batch per step
     train_prep = DevicePrep(mean, std, pca_alpha=t.pca_lighting, channels_last=False,
-                            device=device, color_jitter=t.color_jitter, reuse_output=reuse)
+                            device=device, color_jitter=t.color_jitter, reuse_output=reuse,
+                            rank=rank, world=world)
     val_prep = DevicePrep(mean, std, channels_last=False, device=device, reuse_output=reuse)
     info = {"classes": data["classes"], "train_samples": train.num_samples,
             "val_samples": val.num_samples}

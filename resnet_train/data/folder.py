@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import sys
 import warnings
 
 import numpy as np
@@ -46,15 +47,30 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
 
 
-def find_classes(split_dir: str) -> list[str]:
-    """Sorted class folder names of a split; DataError for a missing, empty or flat split."""
+def warn_stderr(line: str) -> None:
+    """One warning line on stderr (the data builders get no console of the trainer's)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def _quiet(line: str) -> None:
+    """Discard a warning (ranks other than 0: rank 0 speaks)."""
+
+
+def find_classes(split_dir: str, warn=warn_stderr) -> list[str]:
+    """Sorted class folder names of a split; DataError for a missing, empty or flat split.
+
+    Images beside the class folders are ignored, with one ``warn(line)``."""
     if not os.path.isdir(split_dir):
         raise DataError(f"{split_dir}: split directory not found")
     entries = sorted(os.scandir(split_dir), key=lambda e: e.name)
     classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
-    if classes:
-        return classes
     images = [e.name for e in entries if e.is_file() and _is_image(e.name)]
+    if classes:
+        if images:  # what an interrupted --apply of the val script leaves behind
+            warn(f"warning: {split_dir} holds {len(images)} image files outside class folders "
+                 f"(ignored); an interrupted {PREPARE_HINT} --apply leaves this: "
+                 f"run it again")
+        return classes
     if images:
         raise DataError(
             f"{split_dir}: {len(images)} images but no class folders (a flat ILSVRC validation "
@@ -63,10 +79,11 @@ def find_classes(split_dir: str) -> list[str]:
     raise DataError(f"{split_dir}: no class folders and no images (empty split)")
 
 
-def scan_split(root: str, split: str, classes: list[str] | None = None):
-    """(classes, paths, labels) of ``root/split``; ``classes`` fixes the label mapping."""
+def scan_split(root: str, split: str, classes: list[str] | None = None, warn=warn_stderr):
+    """(classes, paths, labels) of ``root/split``; ``classes`` fixes the label mapping.
+    ``warn(line)`` reports what is ignored (see ``find_classes``)."""
     split_dir = os.path.join(root, split)
-    found = find_classes(split_dir)
+    found = find_classes(split_dir, warn)
     if classes is None:
         classes = found
     else:
@@ -145,7 +162,8 @@ class BatchDecoder(Dataset):
                     bad.append((path, f"{type(e).__name__}: {e}"))
                 if self.on_bad == "error":
                     return None
-                j = random.Random(mix_seed(self.seed, epoch, i, attempt, 7)).randrange(len(self.paths))
+                j = random.Random(mix_seed(self.seed, epoch, i, attempt, 7)).randrange(
+                    len(self.paths))
                 continue
             if self.geometry[0] == "ten_crop":
                 arr = ten_crop(arr, self.geometry[2]).permute(0, 2, 3, 1).numpy()
@@ -355,7 +373,7 @@ def cached_pixel_mean(cfg, paths, labels, run_dir, rank: int) -> torch.Tensor:
                 np.save(fh, mean.numpy())
             os.replace(tmp, path)
         except OSError as e:
-            warnings.warn(f"could not cache the pixel mean in {cache_dir}: {e}")
+            warnings.warn(f"could not cache the pixel mean in {cache_dir}: {e}", stacklevel=2)
     return mean
 
 
@@ -367,8 +385,9 @@ def build_folder(cfg, device, rank: int, world: int, run_dir=None) -> DataBundle
     d, t = cfg.data, cfg.data.train
     if not d.root or not os.path.isdir(d.root):
         raise DataError(f"{d.root}: data root directory not found")
-    classes, train_paths, train_labels = scan_split(d.root, d.train_dir)
-    _, val_paths, val_labels = scan_split(d.root, d.val_dir, classes)
+    warn = warn_stderr if rank == 0 else _quiet
+    classes, train_paths, train_labels = scan_split(d.root, d.train_dir, warn=warn)
+    _, val_paths, val_labels = scan_split(d.root, d.val_dir, classes, warn=warn)
     k = len(classes)
     if d.num_classes is not None and d.num_classes != k:
         raise ConfigError(f"data.num_classes: {d.num_classes} does not match "
@@ -392,7 +411,8 @@ def build_folder(cfg, device, rank: int, world: int, run_dir=None) -> DataBundle
     std = (d.std or IMAGENET_STD) if d.divide_std else None
     reuse = torch.device(device).type == "cpu"  # the trainer is done with a batch per step
     train_prep = DevicePrep(mean, std, pca_alpha=t.pca_lighting, channels_last=False,
-                            device=device, color_jitter=t.color_jitter, reuse_output=reuse)
+                            device=device, color_jitter=t.color_jitter, reuse_output=reuse,
+                            rank=rank, world=world)
     val_prep = DevicePrep(mean, std, channels_last=False, device=device, reuse_output=reuse)
     info = {"classes": classes, "train_samples": n, "val_samples": len(val_paths),
             "val_protocol": d.val.protocol}

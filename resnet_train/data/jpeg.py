@@ -82,12 +82,17 @@ def load_crop(path: str, choose) -> np.ndarray:
     so libjpeg stops there and skims the rest of the file for its end marker. When the box
     shrinks by 2x or more the JPEG is instead decoded at 1/2, 1/4 or 1/8 scale in the DCT
     (PIL ``draft``). Other formats, and JPEGs torchvision cannot read, go through PIL's
-    ``resize(box=...)``.
+    ``resize(box=...)``. A JPEG of other than 8-bit precision raises ValueError naming it.
     """
     with open(path, "rb") as fh:
         data = fh.read()
     sof = _jpeg_sof(data)
     if sof is not None:
+        # A 12-bit JPEG: neither decoder reads one and PIL would say only "cannot identify
+        # image file"; the reason is the SOF's precision byte (just before the frame height).
+        precision = data[sof[2] - 1]
+        if precision != 8:
+            raise ValueError(f"unsupported JPEG data precision {precision}")
         crop = choose(sof[0], sof[1])  # choose once: it draws from the sample's RNG
         box, size, flip = crop
         if min((box[2] - box[0]) / size[0], (box[3] - box[1]) / size[1]) < 2:

@@ -40,6 +40,11 @@ class DevicePrep:
     U[1-s, 1+s] per image; ``pca_alpha`` is the std of AlexNet's lighting noise. Both draw
     from ``gen`` so a step's augmentation is a pure function of its generator's seed.
 
+    ``rank`` / ``world``: a training batch of n images is this rank's slice of a global batch
+    of n * world. The draws are made for the whole global batch and the slice kept (as the
+    crops are), so with a generator seeded alike on every rank an image's jitter and lighting
+    do not depend on the world size: DDP over 2 ranks == one process (with accum_steps=2).
+
     ``reuse_output``: the float batch is written into the same buffer every call (one per
     shape and layout), so a returned batch is valid until the next call. Meant for a CPU
     device, where a fresh batch-sized allocation every step costs its page faults (on
@@ -48,7 +53,10 @@ class DevicePrep:
 
     def __init__(self, mean, std=None, pca_alpha: float = 0.0, channels_last: bool = False,
                  device: torch.device | str = "cpu", color_jitter: float = 0.0,
-                 reuse_output: bool = False):
+                 reuse_output: bool = False, rank: int = 0, world: int = 1):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, world={world})")
+        self.rank, self.world = rank, world
         mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device)
         self.mean = mean_t.view(1, 3, 1, 1) if mean_t.dim() == 1 else mean_t.unsqueeze(0)
         self.std = None if std is None else torch.as_tensor(
@@ -86,11 +94,14 @@ class DevicePrep:
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
         x = self._float_copy(x)  # in-place ops below
+        n = x.shape[0]
+        mine = slice(self.rank * n, (self.rank + 1) * n)  # this rank's part of the global draws
         if self.color_jitter > 0:
-            x = color_jitter(x, self.color_jitter, gen)
+            factors = jitter_factors(n * self.world, self.color_jitter, gen, x.device)[mine]
+            x = color_jitter(x, self.color_jitter, factors=factors)
         offset = self._offset_for(x.shape[-2:])
         if self.pca_alpha > 0:
-            offset = offset - 255.0 * self.lighting(x.shape[0], gen).view(-1, 3, 1, 1)
+            offset = offset - 255.0 * self.lighting(n * self.world, gen)[mine].view(-1, 3, 1, 1)
         x = _affine_(x, offset, self._scale)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -136,15 +147,23 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
-def color_jitter(x: torch.Tensor, strength: float, gen: torch.Generator | None) -> torch.Tensor:
+def jitter_factors(n: int, strength: float, gen: torch.Generator | None,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """(n, 3) brightness, contrast, saturation factors U[max(0, 1-s), 1+s]."""
+    f = 1.0 + (torch.rand(n, 3, generator=gen, device=device) * 2 - 1) * strength
+    return f.clamp_(min=0)
+
+
+def color_jitter(x: torch.Tensor, strength: float, gen: torch.Generator | None = None,
+                 factors: torch.Tensor | None = None) -> torch.Tensor:
     """Brightness, contrast, saturation jitter of a float batch in [0, 255], per image.
 
     The formulas of torchvision's adjust_brightness/contrast/saturation, applied in that
-    fixed order with factors U[max(0, 1-s), 1+s].
+    fixed order with ``factors`` (drawn from ``gen`` by ``jitter_factors`` if not given).
     """
     n = x.shape[0]
-    f = 1.0 + (torch.rand(n, 3, generator=gen, device=x.device) * 2 - 1) * strength
-    f = f.clamp_(min=0).view(n, 3, 1, 1, 1)
+    f = jitter_factors(n, strength, gen, x.device) if factors is None else factors
+    f = f.view(n, 3, 1, 1, 1)
     b, c, s = f[:, 0], f[:, 1], f[:, 2]
     x = (x * b).clamp_(0, 255)
     m = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
@@ -203,4 +222,4 @@ def pad_crop_flip(x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, fl: torch
     h, w = x.shape[-2:]
     padded = F.pad(x, (pad, pad, pad, pad))
     out = [padded[i, :, oy[i]:oy[i] + h, ox[i]:ox[i] + w] for i in range(x.shape[0])]
-    return torch.stack([o.flip(-1) if f else o for o, f in zip(out, fl.tolist())])
+    return torch.stack([o.flip(-1) if f else o for o, f in zip(out, fl.tolist(), strict=True)])

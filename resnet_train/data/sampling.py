@@ -1,8 +1,9 @@
 """Epoch order, rank sharding and per-batch RNG: everything that makes data order exact.
 
 The order of an epoch is a pure function of (seed, epoch); a step's samples and its
-augmentation randomness are pure functions of (seed, epoch, step, rank). Resuming at step k
-therefore needs no saved RNG state and decodes nothing before step k.
+augmentation randomness are pure functions of (seed, epoch, step): draws are made for the
+whole global batch and each rank keeps its slice (the world size changes nothing). Resuming
+at step k therefore needs no saved RNG state and decodes nothing before step k.
 """
 
 from __future__ import annotations

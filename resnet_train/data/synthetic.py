@@ -10,7 +10,7 @@ classes of noise for throughput benchmarks without data.
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
