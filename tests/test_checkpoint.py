@@ -164,25 +164,37 @@ def test_corrupt_newest_checkpoint_falls_back_under_auto(tmp_path):
     assert weights(run_dir)["epoch"] == 3
 
 
-def test_mismatched_checkpoint_is_a_user_error(tmp_path):
+class _Result:
+    def __init__(self, returncode, stderr):
+        self.returncode, self.stderr = returncode, stderr
+
+
+def in_process(capsys, *args):
+    """resnet-train in this process (an uncaught traceback would fail the test itself)."""
+    capsys.readouterr()
+    code = train_cli.main(list(args))
+    return _Result(code, capsys.readouterr().err)
+
+
+def test_mismatched_checkpoint_is_a_user_error(tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     assert train_cli.main(tiny(run_dir, "train.epochs=1")) == 0
     seed = f"checkpoint.resume={run_dir}/checkpoints/last.pt"
     # the config comparison refuses first, naming the key ...
-    r = cli("train", *tiny(str(tmp_path / "other"), "model.width=8", seed))
+    r = in_process(capsys, *tiny(str(tmp_path / "other"), "model.width=8", seed))
     assert r.returncode == 2
     line = r.stderr.strip()
     assert len(line.splitlines()) == 1 and "Traceback" not in line
     assert "model.width: 4 -> 8" in line and "checkpoint.allow_changes=[model.width]" in line
     # ... and when allowed, the weights still cannot fit: the shapes are named
-    r = cli("train", *tiny(str(tmp_path / "other"), "model.width=8", seed,
+    r = in_process(capsys, *tiny(str(tmp_path / "other"), "model.width=8", seed,
                            "checkpoint.allow_changes=[model.width]"))
     assert r.returncode == 2
     line = r.stderr.strip()
     assert len(line.splitlines()) == 1 and "Traceback" not in line
     assert "last.pt: checkpoint does not fit the configured model" in line
     assert "conv1.weight (4, 3, 3, 3) vs model (8, 3, 3, 3)" in line
-    r = cli("train", *tiny(str(tmp_path / "x"), f"checkpoint.resume={tmp_path}/missing.pt"))
+    r = in_process(capsys, *tiny(str(tmp_path / "x"), f"checkpoint.resume={tmp_path}/missing.pt"))
     assert r.returncode == 2 and "checkpoint not found" in r.stderr and "missing.pt" in r.stderr
 
 
@@ -210,29 +222,29 @@ def test_a_rerun_continues_the_run_whatever_resume_says(tmp_path, capsys):
     assert "has its own checkpoint" in out and f"resuming from {run_dir}" in out
     assert weights(run_dir)["epoch"] == 3
     before = weights(run_dir)
-    r = cli("train", *tiny(run_dir, "checkpoint.resume=none", "train.epochs=4"))
+    r = in_process(capsys, *tiny(run_dir, "checkpoint.resume=none", "train.epochs=4"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "checkpoint.resume: none" in r.stderr and run_dir in r.stderr
     assert_bitwise_equal(weights(run_dir)["model"], before["model"])
     assert weights(run_dir)["saved_at"] == before["saved_at"]
 
 
-def test_optimizer_mismatch_is_exit_2_and_keeps_the_run_config(tmp_path):
+def test_optimizer_mismatch_is_exit_2_and_keeps_the_run_config(tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     assert train_cli.main(tiny(run_dir, "train.epochs=1")) == 0
     with open(os.path.join(run_dir, "config.yaml")) as fh:
         config_before = fh.read()
     # one parameter group becomes two: refused as a change, and when allowed, the saved
     # optimizer state cannot fit
-    r = cli("train", *tiny(run_dir, "train.epochs=2", "optim.no_decay_bn_bias=true"))
+    r = in_process(capsys, *tiny(run_dir, "train.epochs=2", "optim.no_decay_bn_bias=true"))
     assert r.returncode == 2 and "optim.no_decay_bn_bias: false -> true" in r.stderr
-    r = cli("train", *tiny(run_dir, "train.epochs=2", "optim.no_decay_bn_bias=true",
+    r = in_process(capsys, *tiny(run_dir, "train.epochs=2", "optim.no_decay_bn_bias=true",
                            "checkpoint.allow_changes=[optim]"))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     line = r.stderr.strip()
     assert len(line.splitlines()) == 1
     assert "last.pt: its optimizer state does not fit this run" in line
-    r = cli("train", *tiny(run_dir, "train.epochs=2", "model.width=8",
+    r = in_process(capsys, *tiny(run_dir, "train.epochs=2", "model.width=8",
                            "checkpoint.allow_changes=all"))
     assert r.returncode == 2 and "does not fit the configured model" in r.stderr
     with open(os.path.join(run_dir, "config.yaml")) as fh:
