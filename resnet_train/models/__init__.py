@@ -142,6 +142,43 @@ def _flag(name: str, value: Any) -> bool:
     return value
 
 
+def _shortcut_options(arch: str, spec, given: dict) -> tuple[str | None, str]:
+    """(shortcut_variant, shortcut) for ``arch``, refusing combinations no paper net has."""
+    sv_name = given.get("shortcut_variant")
+    if sv_name is not None:
+        _choice("shortcut_variant", sv_name, tuple(SHORTCUT_VARIANTS))
+    implied = SHORTCUT_VARIANTS[sv_name].kind if sv_name else ""
+    shortcut = _choice("shortcut", given.get("shortcut", implied or spec.shortcut), SHORTCUTS)
+    if implied and shortcut != implied:
+        raise UserError(f"shortcut_variant={sv_name!r} is option {implied}; got "
+                        f"shortcut={shortcut!r}")
+    if sv_name and shortcut == "none":
+        raise UserError(f"shortcut_variant={sv_name!r} needs a shortcut; {arch} has none")
+    if shortcut == "A" and spec.block is Bottleneck:
+        # fb.resnet.torch's option A pads by concatenating zeros (C -> 2C), which cannot
+        # build the first bottleneck unit (64 -> 256) at all; DRL uses B for bottleneck nets.
+        raise UserError(f"shortcut='A' is not valid for {arch} (a bottleneck net): its first "
+                        "unit widens 4x, so a zero-padded identity would carry only 1/4 of "
+                        "the channels; use B (projection on change, the papers' choice) or C")
+    return sv_name, shortcut
+
+
+def _zero_init_option(arch: str, given: dict, shortcut: str, unit: str,
+                      sv_name: str | None) -> bool:
+    """``zero_init_residual``, refused where no block could start as an identity."""
+    zero_init = _flag("zero_init_residual", given.get("zero_init_residual", False))
+    if zero_init and shortcut == "none":
+        raise UserError(f"zero_init_residual needs a shortcut: {arch} with shortcut='none' "
+                        "would output zeros from every block")
+    if zero_init and unit in ZERO_INIT_REFUSED:
+        raise UserError(f"zero_init_residual is not valid with unit={unit!r}: "
+                        f"{ZERO_INIT_REFUSED[unit]}")
+    if zero_init and sv_name:
+        raise UserError(f"zero_init_residual is not valid with shortcut_variant={sv_name!r}: "
+                        "its shortcut is not an identity, so no block starts as one")
+    return zero_init
+
+
 def build_model(arch: str, num_classes: int, **options: Any) -> nn.Module:
     """Build `arch` with `num_classes` outputs; options left out or None take the arch's default.
 
@@ -160,33 +197,9 @@ def build_model(arch: str, num_classes: int, **options: Any) -> nn.Module:
             raise UserError(f"{arch} fixes {name}={getattr(spec, name)!r}; got {given[name]!r}")
     variant = _choice("variant", given.get("variant", family.variants[0]), family.variants,
                       f" for {arch} ({spec.family} net)")
-    sv_name = given.get("shortcut_variant")
-    if sv_name is not None:
-        _choice("shortcut_variant", sv_name, tuple(SHORTCUT_VARIANTS))
-    implied = SHORTCUT_VARIANTS[sv_name].kind if sv_name else ""
-    shortcut = _choice("shortcut", given.get("shortcut", implied or spec.shortcut), SHORTCUTS)
-    if implied and shortcut != implied:
-        raise UserError(f"shortcut_variant={sv_name!r} is option {implied}; got "
-                        f"shortcut={shortcut!r}")
-    if sv_name and shortcut == "none":
-        raise UserError(f"shortcut_variant={sv_name!r} needs a shortcut; {arch} has none")
-    if shortcut == "A" and spec.block is Bottleneck:
-        # fb.resnet.torch's option A pads by concatenating zeros (C -> 2C), which cannot
-        # build the first bottleneck unit (64 -> 256) at all; DRL uses B for bottleneck nets.
-        raise UserError(f"shortcut='A' is not valid for {arch} (a bottleneck net): its first "
-                        "unit widens 4x, so a zero-padded identity would carry only 1/4 of "
-                        "the channels; use B (projection on change, the papers' choice) or C")
+    sv_name, shortcut = _shortcut_options(arch, spec, given)
     unit = _choice("unit", given.get("unit", spec.unit), tuple(UNITS))
-    zero_init = _flag("zero_init_residual", given.get("zero_init_residual", False))
-    if zero_init and shortcut == "none":
-        raise UserError(f"zero_init_residual needs a shortcut: {arch} with shortcut='none' "
-                        "would output zeros from every block")
-    if zero_init and unit in ZERO_INIT_REFUSED:
-        raise UserError(f"zero_init_residual is not valid with unit={unit!r}: "
-                        f"{ZERO_INIT_REFUSED[unit]}")
-    if zero_init and sv_name:
-        raise UserError(f"zero_init_residual is not valid with shortcut_variant={sv_name!r}: "
-                        "its shortcut is not an identity, so no block starts as one")
+    zero_init = _zero_init_option(arch, given, shortcut, unit, sv_name)
     model = family.network(
         spec.block, spec.layers, _positive_int("num_classes", num_classes),
         width=_positive_int("width", given.get("width", family.width)),

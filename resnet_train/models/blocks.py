@@ -138,6 +138,15 @@ SHORTCUT_VARIANTS: dict[str, ShortcutVariant] = {
 }
 
 
+def _make_gate(variant, inplanes: int, outplanes: int, stride: int) -> nn.Conv2d | None:
+    """g(x) = sigmoid(W_g x + b_g), W_g a 1x1 conv (IM Sec. 3.1), one gate per element."""
+    if variant is None or not variant.gate:
+        return None
+    gate = nn.Conv2d(inplanes, outplanes, 1, stride=stride, bias=True)
+    nn.init.constant_(gate.bias, variant.gate_bias)
+    return gate
+
+
 class ResidualBlock(nn.Module):
     """out = post(F(x) + shortcut(x)), with F's op order taken from `UNITS[unit]`.
 
@@ -188,12 +197,8 @@ class ResidualBlock(nn.Module):
         # IM Table 1's shortcut variants; None is the plain sum F(x) + h(x).
         self.shortcut_variant = (None if shortcut_variant is None
                                  else SHORTCUT_VARIANTS[shortcut_variant])
-        self.gate: nn.Conv2d | None = None
-        if self.shortcut_variant is not None and self.shortcut_variant.gate:
-            # g(x) = sigmoid(W_g x + b_g), W_g a 1x1 conv (IM Sec. 3.1), one gate per element
-            self.gate = nn.Conv2d(convs[0].in_channels, convs[-1].out_channels, 1,
-                                  stride=stride, bias=True)
-            nn.init.constant_(self.gate.bias, self.shortcut_variant.gate_bias)
+        self.gate = _make_gate(self.shortcut_variant, convs[0].in_channels,
+                               convs[-1].out_channels, stride)
         self.zero_init = spec.zero_init
         self.pre_ops = tuple("bn1" if t == "bn" else t for t in pre)
         self.branch_ops = tuple(branch)
