@@ -87,9 +87,16 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(values: list[float], device: torch.device, info: DistInfo) -> list[float]:
-    """Sum a few floats over ranks (one collective); identity on one process."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device,
+                   info: DistInfo) -> list[float]:
+    """Sum a few floats over ranks (one collective); identity on one process.
+
+    A device tensor is reduced where it is (a copy) and read once: no host round trip first.
+    """
+    if torch.is_tensor(values):
+        t = values.to(device=device, dtype=torch.float64, copy=True)
+    else:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
     if info.enabled:
         dist.all_reduce(t)
     return t.tolist()

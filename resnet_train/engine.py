@@ -42,11 +42,11 @@ class Meter:
     def read(self, info: dist_utils.DistInfo, extra: tuple = ()) -> dict:
         """Means over every rank (a collective under DDP); ``extra`` device scalars and host
         floats come back summed over ranks in ``"extra"``. One host read."""
-        tensors = [e.reshape(1).double() for e in extra if torch.is_tensor(e)]
-        floats = [float(e) for e in extra if not torch.is_tensor(e)]
-        local = torch.cat([self.sums, *tensors]).tolist() + floats
-        loss, c1, c5, n, skipped, *rest = dist_utils.all_reduce_sum(local, self.sums.device,
-                                                                    info)
+        dev = self.sums.device
+        parts = [e.reshape(1).double() if torch.is_tensor(e)
+                 else torch.full((1,), float(e), dtype=torch.float64, device=dev) for e in extra]
+        loss, c1, c5, n, skipped, *rest = dist_utils.all_reduce_sum(
+            torch.cat([self.sums, *parts]), dev, info)
         per = max(n, 1.0)
         return {"loss": loss / per, "top1": c1 / per, "top5": c5 / per, "n": int(n),
                 "skipped": int(skipped), "extra": rest}
@@ -278,6 +278,6 @@ def evaluate(model: nn.Module, loader, prep, runtime: Runtime, info: dist_utils.
         c1, c5 = _hits(logp, y)
         loss = F.nll_loss(logp, y, reduction="sum").double()
         sums += torch.stack([loss, c1, c5, torch.full_like(loss, y.shape[0])])
-    loss, c1, c5, n = dist_utils.all_reduce_sum(sums.tolist(), runtime.device, info)
+    loss, c1, c5, n = dist_utils.all_reduce_sum(sums, runtime.device, info)
     per = max(n, 1.0)
     return {"loss": loss / per, "top1": c1 / per, "top5": c5 / per, "n": int(n)}
