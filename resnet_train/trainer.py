@@ -239,11 +239,12 @@ class Trainer:
     def _build(self, ckpt: dict | None, path: str | None) -> None:
         """Data, model, optimizer, schedule, the step and the TrainState (loaded if resuming)."""
         cfg, info, runtime = self.cfg, self.info, self.runtime
-        from .data import build_data
+        from .data import Normalization, build_data
         from .optim import LRSchedule, build_optimizer, total_steps
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
-        self.data = build_data(cfg, runtime.device, info.rank, info.world, cfg.run_dir)
+        self.data = build_data(cfg, runtime.device, info.rank, info.world, cfg.run_dir,
+                               norm=None if ckpt is None else ckpt.get("normalization"))
         self.model = build_model_for(cfg, self.data.num_classes, runtime)
         self.steps_per_epoch = len(self.data.train)
         if self.steps_per_epoch == 0:
@@ -264,7 +265,8 @@ class Trainer:
             {"model": self.model, "optimizer": ckpt_io.OptimizerPart(optimizer),
              "schedule": self.schedule, "scaler": scaler, "train_step": self.train_step,
              "epoch_meter": self.epoch_meter, "window_meter": self.window_meter,
-             "timer": self.timer},
+             "timer": self.timer,
+             "normalization": Normalization(self.data, cfg.data.normalize)},
             to_dict(cfg), self.steps_per_epoch, total, info)
         if ckpt is not None:
             self.state.load_state_dict(ckpt, path)

@@ -205,3 +205,32 @@ def test_per_pixel_mean_cache_for_many_image_sizes_is_bounded():
         out = prep(torch.full((1, 3, h, 17), 100, dtype=torch.uint8))
         assert out.shape == (1, 3, h, 17)
     assert len(prep._resized_offsets) <= 64
+
+
+def test_pixel_mean_is_stored_in_the_checkpoint_and_never_rescanned(data_root, tmp_path,
+                                                                    monkeypatch):
+    """The checkpoint holds the mean image: resnet-eval and a resumed run use it exactly,
+    without the training-set scan (and without the run directory's cache)."""
+    from resnet_train import checkpoint as ckpt_io
+    from resnet_train.data import folder
+    run_dir = str(tmp_path / "run")
+    args = folder_args(data_root, run_dir, "data.normalize=pixel_mean", "data.divide_std=false",
+                       "data.pixel_mean_samples=0", "train.epochs=1")
+    assert train_cli.main(args) == 0
+    last = os.path.join(run_dir, "checkpoints", "last.pt")
+    norm = ckpt_io.load(last)["normalization"]
+    (cache,) = [f for f in os.listdir(run_dir) if f.startswith("pixel_mean_")]
+    assert norm["normalize"] == "pixel_mean" and norm["std"] is None
+    assert norm["mean"].shape == (3, 32, 32)
+    torch.testing.assert_close(norm["mean"], torch.from_numpy(
+        np.load(os.path.join(run_dir, cache))).float())
+    os.remove(os.path.join(run_dir, cache))
+    monkeypatch.setattr(folder, "pixel_mean_image",
+                        lambda *a, **k: pytest.fail("the training set was scanned again"))
+    got = eval_cli.evaluate_checkpoint(last, None, ["data.on_bad_image=skip"])
+    (epoch0,) = records(run_dir, "epoch")
+    assert got["n"] == epoch0["val_n"]
+    assert got["top1"] == pytest.approx(epoch0["val_top1"]) and \
+        got["loss"] == pytest.approx(epoch0["val_loss"], rel=1e-5)
+    assert train_cli.main(args[:-1] + ["train.epochs=2"]) == 0  # resumes; no scan either
+    assert len(records(run_dir, "epoch")) == 2

@@ -43,7 +43,8 @@ def evaluate_checkpoint(path: str, config: str | None = None,
     model = None
     try:
         runtime = resolve_runtime(cfg, info.local_rank)
-        data = build_data(cfg, runtime.device, info.rank, info.world)
+        data = build_data(cfg, runtime.device, info.rank, info.world,
+                          norm=ckpt.get("normalization"))  # the training run's mean
         model = build_model_for(cfg, data.num_classes, runtime)
         ckpt_io.check_fits(model, ckpt["model"], path)
         model.load_state_dict(ckpt["model"])

@@ -49,7 +49,8 @@ class DataBundle:
     info: dict = field(default_factory=dict)
 
 
-# dataset name -> "module:function"; each builder has the signature of build_data.
+# dataset name -> "module:function"; each builder takes (cfg, device, rank, world, run_dir,
+# stored) where stored is stored_stats(): the checkpoint's (mean, std) or None.
 BUILDERS = {
     "synthetic": "synthetic:build_synthetic",
     "synthetic_imagenet": "synthetic:build_synthetic_imagenet",
@@ -60,9 +61,36 @@ BUILDERS = {
 }
 
 
+class Normalization:
+    """The mean and std a run normalises with, as a TrainState part. Every checkpoint holds
+    them, so a resumed run and ``resnet-eval`` use the training run's exact values without
+    computing them again (a folder's per-pixel mean image is a scan of the training set)."""
+
+    def __init__(self, bundle: DataBundle, normalize: str):
+        self.preps, self.normalize = (bundle.train_prep, bundle.val_prep), normalize
+
+    def state_dict(self) -> dict:
+        return {"normalize": self.normalize, **self.preps[1].stats()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["normalize"] == self.normalize:  # else: an allowed change, the new values
+            for prep in self.preps:
+                prep.set_stats(state["mean"], state["std"])
+
+
+def stored_stats(cfg: Config, norm: dict | None):
+    """(mean, std) of a checkpoint's normalization entry if it is for this config's
+    ``data.normalize``, else None (compute them)."""
+    if not norm or norm.get("normalize") != cfg.data.normalize:
+        return None
+    return norm["mean"], norm["std"]
+
+
 def build_data(cfg: Config, device: torch.device, rank: int = 0, world: int = 1,
-               run_dir: str | None = None) -> DataBundle:
-    """The train and validation loaders and on-device preparation for ``cfg.data``."""
+               run_dir: str | None = None, norm: dict | None = None) -> DataBundle:
+    """The train and validation loaders and on-device preparation for ``cfg.data``.
+    ``norm``: a checkpoint's ``normalization`` entry, used instead of computing the mean
+    (and std) again."""
     if cfg.data.batch_size % world:
         raise ConfigError(f"data.batch_size: global batch {cfg.data.batch_size} is not divisible "
                           f"by the world size {world}")
@@ -71,4 +99,9 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world: int = 1,
                           f"not divisible by accum_steps={cfg.train.accum_steps}")
     module, fn = BUILDERS[cfg.data.dataset].split(":")
     builder = getattr(importlib.import_module(f"{__name__}.{module}"), fn)
-    return builder(cfg, device, rank, world, run_dir)
+    stored = stored_stats(cfg, norm)
+    bundle = builder(cfg, device, rank, world, run_dir, stored)
+    if stored is not None:  # (only the folder builder needs them up front, to skip its scan)
+        for prep in (bundle.train_prep, bundle.val_prep):
+            prep.set_stats(*stored)
+    return bundle

@@ -188,7 +188,8 @@ class CifarTrain(Loader):
             yield x, self.labels[idx]
 
 
-def build_cifar(cfg, device, rank: int, world: int, run_dir=None) -> DataBundle:
+def build_cifar(cfg, device, rank: int, world: int, run_dir=None,
+                stored=None) -> DataBundle:
     d, t = cfg.data, cfg.data.train
     name = d.dataset
     if t.aug == "random_resized_crop":

@@ -138,9 +138,9 @@ class BatchDecoder(Dataset):
     """
 
     def __init__(self, paths: np.ndarray, labels: np.ndarray, geometry: tuple, seed: int,
-                 on_bad: str = "skip"):
+                 on_bad: str = "skip", draft: bool = False):
         self.paths, self.labels, self.geometry = paths, labels, geometry
-        self.seed, self.on_bad = seed, on_bad
+        self.seed, self.on_bad, self.draft = seed, on_bad, draft
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -156,7 +156,7 @@ class BatchDecoder(Dataset):
             path = os.fsdecode(self.paths[j])
             rng = random.Random(mix_seed(self.seed, epoch, i, attempt))
             try:
-                arr = load_crop(path, functools.partial(self._choose, rng=rng))
+                arr = load_crop(path, functools.partial(self._choose, rng=rng), self.draft)
             except Exception as e:  # noqa: BLE001 - any failure to decode is bad data
                 if attempt == 0:  # one report a sample; a bad replacement is just redrawn
                     bad.append((path, f"{type(e).__name__}: {e}"))
@@ -316,7 +316,7 @@ def val_geometry(cfg, local: int) -> tuple[tuple, int]:
 
 def make_loader(paths, labels, geometry, cfg, order, num_batches, *, device, seed_tag: int):
     d = cfg.data
-    dec = BatchDecoder(paths, labels, geometry, cfg.run.seed, d.on_bad_image)
+    dec = BatchDecoder(paths, labels, geometry, cfg.run.seed, d.on_bad_image, d.jpeg_draft)
     pin = bool(d.pin_memory and torch.device(device).type == "cuda")
     return FolderLoader(dec, order, num_batches, len(paths), d.workers, pin, d.prefetch,
                         mix_seed(cfg.run.seed, seed_tag))
@@ -326,13 +326,13 @@ def make_loader(paths, labels, geometry, cfg, order, num_batches, *, device, see
 
 
 def pixel_mean_image(paths, labels, resize: int, crop: int, samples: int, workers: int,
-                     on_bad: str = "skip") -> torch.Tensor:
+                     on_bad: str = "skip", draft: bool = False) -> torch.Tensor:
     """Mean (3, crop, crop) image in [0, 1] of the training images (short side -> resize,
     centre crop), over ``samples`` evenly spaced images (0 = all)."""
     n = len(paths)
     k = n if samples <= 0 else min(samples, n)
     idx = np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
-    dec = BatchDecoder(paths, labels, ("center", resize, crop), 0, on_bad)
+    dec = BatchDecoder(paths, labels, ("center", resize, crop), 0, on_bad, draft)
     per = 64
     keys = [(0, idx[i:i + per]) for i in range(0, len(idx), per)]
     total, count = torch.zeros(3, crop, crop, dtype=torch.float64), 0
@@ -352,7 +352,8 @@ def cached_pixel_mean(cfg, paths, labels, run_dir, rank: int) -> torch.Tensor:
     d = cfg.data
     resize, crop = max(d.val.resize, d.train.crop), d.train.crop
     key = json.dumps([os.path.abspath(d.root), d.train_dir, len(paths), os.fsdecode(paths[0]),
-                      os.fsdecode(paths[-1]), resize, crop, d.pixel_mean_samples])
+                      os.fsdecode(paths[-1]), resize, crop, d.pixel_mean_samples]
+                     + (["draft"] if d.jpeg_draft else []))
     name = f"pixel_mean_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy"
     cache_dir = run_dir if run_dir else os.path.join(d.root, ".resnet_train_cache")
     path = os.path.join(cache_dir, name)
@@ -364,7 +365,7 @@ def cached_pixel_mean(cfg, paths, labels, run_dir, rank: int) -> torch.Tensor:
         except (OSError, ValueError):
             pass  # a damaged cache is recomputed
     mean = pixel_mean_image(paths, labels, resize, crop, d.pixel_mean_samples, d.workers,
-                            d.on_bad_image)
+                            d.on_bad_image, d.jpeg_draft)
     if rank == 0:
         try:
             os.makedirs(cache_dir, exist_ok=True)
@@ -380,7 +381,8 @@ def cached_pixel_mean(cfg, paths, labels, run_dir, rank: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- builder
 
 
-def build_folder(cfg, device, rank: int, world: int, run_dir=None) -> DataBundle:
+def build_folder(cfg, device, rank: int, world: int, run_dir=None,
+                 stored=None) -> DataBundle:
     """ImageNet or any folder of class folders; the val loader follows data.val.protocol."""
     d, t = cfg.data, cfg.data.train
     if not d.root or not os.path.isdir(d.root):
@@ -404,7 +406,9 @@ def build_folder(cfg, device, rank: int, world: int, run_dir=None) -> DataBundle
     shard = val_shard(len(val_paths), rank, world)
     val = make_loader(val_paths, val_labels, geometry, cfg, _val_order(shard, vlocal),
                       math.ceil(len(shard) / vlocal), device=device, seed_tag=12)
-    if d.normalize == "pixel_mean":
+    if stored is not None:  # the checkpoint's values: no scan of the training set
+        mean = stored[0]
+    elif d.normalize == "pixel_mean":
         mean = cached_pixel_mean(cfg, train_paths, train_labels, run_dir, rank)
     else:
         mean = d.mean or IMAGENET_MEAN

@@ -5,16 +5,30 @@ before resize, exactly" in ``docs/architecture.md``): ``crop_box_*`` choose the 
 ``jpeg.load_crop`` decodes and resizes it. This has the distribution of resize-then-crop at
 a fraction of the cost, and pure functions of (size, RNG) are easy to test on their own.
 
-A crop is (box, size, flip): the window (x0, y0, x1, y1) in source pixels and the output
-(width, height). Resizing the box to the size equals cropping the resized image, because
-PIL maps output pixel k of a box resize to x0 + (k + 0.5) * (x1 - x0) / width, and the
-filter support, clipped at the *image* border, is the same.
+A crop is a ``Crop``: the window (x0, y0, x1, y1) in source pixels (fractional), the output
+(width, height), the flip, and ``edge``, which says which reference it reproduces:
+
+- ``"image"``: resize-then-crop (torchvision ``Resize`` + ``CenterCrop``/``RandomCrop``).
+  Output pixel k lies at x0 + (k + 0.5) * (x1 - x0) / width and the filter's support is
+  clipped at the *image* border, so pixels just outside the box count, as they do when the
+  whole image is resized first. The box lies on the resized image's pixel grid
+  (x0 * width / (x1 - x0) is a whole number), which ``jpeg.load_crop`` relies on.
+- ``"box"``: crop-then-resize (torchvision ``RandomResizedCrop``): an integral box, and only
+  the pixels inside it count.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from typing import NamedTuple
+
+
+class Crop(NamedTuple):
+    box: tuple[float, float, float, float]
+    size: tuple[int, int]
+    flip: bool
+    edge: str = "image"  # "image": resize then crop; "box": crop then resize
 
 
 def _resized(w: int, h: int, side: int) -> tuple[int, int]:
@@ -36,7 +50,8 @@ def crop_box_paper(w: int, h: int, scale: tuple[int, int], crop: int, flip: bool
     rw, rh = _resized(w, h, side)
     cw, ch = min(crop, rw), min(crop, rh)
     top, left = rng.randint(0, rh - ch), rng.randint(0, rw - cw)
-    return _box(w, h, rw, rh, left, top, cw, ch), (crop, crop), flip and rng.random() < 0.5
+    return Crop(_box(w, h, rw, rh, left, top, cw, ch), (crop, crop),
+                flip and rng.random() < 0.5)
 
 
 def crop_box_rrc(w: int, h: int, scale, ratio, crop: int, flip: bool, rng: random.Random):
@@ -61,7 +76,7 @@ def crop_box_rrc(w: int, h: int, scale, ratio, crop: int, flip: bool, rng: rando
             cw, ch = w, h
         top, left = (h - ch) // 2, (w - cw) // 2
     box = (left, top, left + cw, top + ch)
-    return box, (crop, crop), flip and rng.random() < 0.5
+    return Crop(box, (crop, crop), flip and rng.random() < 0.5, "box")
 
 
 def crop_box_center(w: int, h: int, resize: int, crop: int):
@@ -69,19 +84,19 @@ def crop_box_center(w: int, h: int, resize: int, crop: int):
     rw, rh = _resized(w, h, resize)
     cw, ch = min(crop, rw), min(crop, rh)
     top, left = int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))
-    return _box(w, h, rw, rh, left, top, cw, ch), (cw, ch), False
+    return Crop(_box(w, h, rw, rh, left, top, cw, ch), (cw, ch), False)
 
 
 def crop_box_resized(w: int, h: int, side: int):
     """The whole image with its short side resized to ``side`` (10-crop's input)."""
     rw, rh = _resized(w, h, side)
-    return (0.0, 0.0, float(w), float(h)), (rw, rh), False
+    return Crop((0.0, 0.0, float(w), float(h)), (rw, rh), False)
 
 
 def crop_box_full(w: int, h: int, side: int):
     """The whole image with its short side reduced to ``side``; never enlarged here (each
     test scale is then resized on the device from the best pixels: one resampling)."""
     if min(w, h) <= side:
-        return (0.0, 0.0, float(w), float(h)), (w, h), False
+        return Crop((0.0, 0.0, float(w), float(h)), (w, h), False)
     rw, rh = _resized(w, h, side)
-    return (0.0, 0.0, float(w), float(h)), (rw, rh), False
+    return Crop((0.0, 0.0, float(w), float(h)), (rw, rh), False)

@@ -1,26 +1,29 @@
 """Byte-level JPEG reading and the decode-only-the-box path (``load_crop``).
 
 Given a crop box from ``geometry``, ``load_crop`` decodes and resizes only what the box
-needs. JPEGs are decoded by libjpeg-turbo (torchvision.io), only down to the box's bottom
-row (the frame height in the header is lowered), and the box is resized by torch's
-antialiased bilinear kernel (PIL's filter, about 3x faster than PIL's); PIL ``draft``
-decodes at 1/2..1/8 scale when the box shrinks by 2x or more. Other formats go through PIL.
+needs. JPEGs are decoded by libjpeg-turbo (torchvision.io), only down to the last row the
+filter reads (the frame height in the header is lowered), and resized by torch's
+antialiased bilinear kernel (PIL's filter, about 3x faster than PIL's); with
+``data.jpeg_draft`` PIL ``draft`` decodes at 1/2..1/8 scale when the box shrinks by 2x or
+more. Other formats go through PIL.
 The marker parsing and the file-descriptor handling this needs are kept here, apart from
 the geometry, because they are about the file format and the worker process, not the crop.
-The result must equal resize-then-crop within rounding ("crop before resize, exactly" in
-``docs/architecture.md``).
+The result must equal torchvision's resize-then-crop (or, for RandomResizedCrop,
+crop-then-resize) within rounding: "crop before resize, exactly" in ``docs/architecture.md``.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import math
 import os
 import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from .geometry import Crop
 
 
 def _jpeg_sof(data) -> tuple[int, int, int, int, int] | None:
@@ -71,18 +74,20 @@ def decode_rows(y1: int, h: int, mcu: int = 16, extra: int = 1) -> int:
     return min(h, -(-y1 // mcu) * mcu + extra * mcu)
 
 
-def load_crop(path: str, choose) -> np.ndarray:
-    """Decode ``path`` and resize only the box that ``choose(w, h) -> (box, size, flip)``
-    picks for the image's size: HWC uint8 RGB of that size, mirrored if flip.
+def load_crop(path: str, choose, draft: bool = False) -> np.ndarray:
+    """Decode ``path`` and resample only what the ``geometry.Crop`` that ``choose(w, h)``
+    picks for the image's size needs: HWC uint8 RGB of the crop's size, mirrored if flip.
 
-    JPEGs are decoded by libjpeg-turbo (torchvision.io) and the box, rounded to whole source
-    pixels, is resized by torch's antialiased bilinear kernel: PIL's filter (equal up to
-    rounding) at about a third of PIL's cost. In loader workers only the rows down to the
-    box's bottom are decoded (``decode_rows``): the frame height in the header is lowered,
-    so libjpeg stops there and skims the rest of the file for its end marker. When the box
-    shrinks by 2x or more the JPEG is instead decoded at 1/2, 1/4 or 1/8 scale in the DCT
-    (PIL ``draft``). Other formats, and JPEGs torchvision cannot read, go through PIL's
-    ``resize(box=...)``. A JPEG of other than 8-bit precision raises ValueError naming it.
+    The result equals the crop's torchvision reference within rounding: resize-then-crop
+    (``edge="image"``: the filter's support reaches past the box up to the image border) or
+    crop-then-resize (``edge="box"``). JPEGs are decoded by libjpeg-turbo (torchvision.io)
+    and resampled by torch's antialiased bilinear kernel, PIL's filter at about a third of
+    PIL's cost. In loader workers only the rows down to the last one the filter reads are
+    decoded (``decode_rows``): the frame height in the header is lowered, so libjpeg stops
+    there and skims the rest of the file for its end marker. With ``draft``, a JPEG whose box
+    shrinks by 2x or more is instead decoded at 1/2, 1/4 or 1/8 scale in the DCT (PIL
+    ``draft``): faster, but not the reference's pixels. Other formats, and JPEGs torchvision
+    cannot read, go through PIL. A JPEG of other than 8-bit precision raises ValueError naming it.
     """
     with open(path, "rb") as fh:
         data = fh.read()
@@ -93,15 +98,15 @@ def load_crop(path: str, choose) -> np.ndarray:
         precision = data[sof[2] - 1]
         if precision != 8:
             raise ValueError(f"unsupported JPEG data precision {precision}")
-        crop = choose(sof[0], sof[1])  # choose once: it draws from the sample's RNG
-        box, size, flip = crop
-        if min((box[2] - box[0]) / size[0], (box[3] - box[1]) / size[1]) < 2:
+        crop = Crop(*choose(sof[0], sof[1]))  # choose once: it draws from the RNG
+        box, size = crop[0], crop[1]
+        if not draft or min((box[2] - box[0]) / size[0], (box[3] - box[1]) / size[1]) < 2:
             try:
-                return _torch_crop(data, sof, box, size, flip)
+                return _torch_crop(data, sof, crop)
             except RuntimeError:
                 pass  # PIL decides: a readable exotic JPEG, or an error with its reason
         choose = lambda w, h: crop  # noqa: E731
-    return _pil_crop(io.BytesIO(data), choose)
+    return _pil_crop(io.BytesIO(data), choose, draft)
 
 
 @functools.lru_cache(maxsize=1)
@@ -141,17 +146,78 @@ def _quietly(fn, *args):
         os.close(saved)
 
 
-def _torch_crop(data: bytes, sof, box, size, flip: bool) -> np.ndarray:
+def _support_end(n: int, scale: float, limit: int) -> int:
+    """One past the last source pixel that outputs [0, n) of a resize by ``scale`` (output
+    per source pixel) read: the centre of output n-1 plus the filter's radius (bilinear: 1,
+    widened by the shrink factor when antialiasing), as torch and PIL compute it, plus one
+    pixel against rounding."""
+    centre = (n - 0.5) / scale
+    return min(limit, int(centre + max(1.0 / scale, 1.0) + 0.5) + 1)
+
+
+def _grid_origin(first: int, n: int, resized: int) -> tuple[int, int]:
+    """The source pixel at or before ``first`` (the first one the window reads) where a
+    pixel of the resized grid starts too, and that grid pixel: multiples of
+    n / gcd(n, resized). torch's kernel only computes outputs from its input's first pixel,
+    so starting the input there, not at the image's edge, saves the outputs before it."""
+    step = n // math.gcd(n, resized)
+    origin = max(0, first) // step * step
+    return origin, origin // step * (resized // math.gcd(n, resized))
+
+
+def _grid_window(crop, w: int, h: int):
+    """For an ``edge="image"`` crop: the source region (x0, y0, x1, y1) to resize, the resize
+    factors (sy, sx), and the window's offset (top, left) in the region's resized grid.
+    Raises RuntimeError (PIL takes over) for a box off the resized pixel grid."""
+    (bx0, by0, bx1, by1), (ow, oh) = crop.box, crop.size
+    sx, sy = ow / (bx1 - bx0), oh / (by1 - by0)
+    left, top, rw, rh = bx0 * sx, by0 * sy, w * sx, h * sy
+    if max(abs(v - round(v)) for v in (left, top, rw, rh)) > 1e-6:
+        raise RuntimeError("box not on the resized pixel grid")
+    left, top, rw, rh = int(round(left)), int(round(top)), int(round(rw)), int(round(rh))
+    # first source pixel read by window pixel 0: its centre minus the filter's radius
+    x0, left0 = _grid_origin(int((left + 0.5) / sx - max(1.0 / sx, 1.0)) - 1, w, rw)
+    y0, top0 = _grid_origin(int((top + 0.5) / sy - max(1.0 / sy, 1.0)) - 1, h, rh)
+    x1, y1 = _support_end(left + ow, sx, w), _support_end(top + oh, sy, h)
+    return (x0, y0, x1, y1), (sy, sx), (top - top0, left - left0)
+
+
+def _torch_crop(data: bytes, sof, crop) -> np.ndarray:
+    """The torchvision-decoder path of ``load_crop``.
+
+    ``edge="image"``: the window of the whole image resized by the crop's factors, exactly:
+    the region handed to torch's kernel starts where source and resized grids meet
+    (``_grid_window``) and ends at the last pixel the window's filter reads, so the support
+    is cut at the image's edge, never the box's. ``edge="box"``: the integral box cut out,
+    then resized.
+    """
     decode = _jpeg_decoder()
     if decode is None:
         raise RuntimeError("no torchvision JPEG decoder")
     w, h, height_at, mcu, extra = sof
     if w < 1 or h < 1:
         raise RuntimeError("no frame size in the header")
-    x0, y0 = min(max(int(round(box[0])), 0), w - 1), min(max(int(round(box[1])), 0), h - 1)
-    x1, y1 = max(min(int(round(box[2])), w), x0 + 1), max(min(int(round(box[3])), h), y0 + 1)
+    box, (ow, oh), flip = crop.box, crop.size, crop.flip
+    if crop.edge == "image":
+        (x0, y0, x1, y1), scales, (top, left) = _grid_window(crop, w, h)
+    else:
+        x0, y0 = min(max(int(round(box[0])), 0), w - 1), min(max(int(round(box[1])), 0), h - 1)
+        x1, y1 = max(min(int(round(box[2])), w), x0 + 1), max(min(int(round(box[3])), h), y0 + 1)
+        scales, top, left = None, 0, 0
+    img = _decode_top(decode, data, y1, h, height_at, mcu, extra, w)
+    # (1, 3, h, w) with true channels_last strides (img[None] would give the batch dim a
+    # stride of 3, and torch would take the 3x slower NCHW route and return NCHW).
+    region = img.permute(1, 2, 0).unsqueeze(0).permute(0, 3, 1, 2)[:, :, y0:y1, x0:x1]
+    out = _resize(region, (top + oh, left + ow), scales)[:, :, top:, left:]
+    if flip:  # torch's flip is vectorised; copying a mirrored numpy view is 10x slower
+        out = out.flip(3)
+    return out[0].permute(1, 2, 0).numpy()  # HWC
+
+
+def _decode_top(decode, data, rows_needed, h, height_at, mcu, extra, w) -> torch.Tensor:
+    """(3, rows, w) uint8: the JPEG decoded down to at least ``rows_needed`` rows."""
     buf = bytearray(data)
-    rows = decode_rows(y1, h, mcu, extra)
+    rows = decode_rows(rows_needed, h, mcu, extra)
     # Only a complete file (ending in EOI) is shortened: a truncated one then fails here
     # whatever the box, as a full decode does, instead of passing for boxes near the top.
     # Only in a loader worker: there nothing else writes to stderr while it is silenced.
@@ -163,27 +229,41 @@ def _torch_crop(data: bytes, sof, box, size, flip: bool) -> np.ndarray:
         img = decode(buf)  # (3, H, W) over HWC memory
     if tuple(img.shape[-2:]) != (rows, w):
         raise RuntimeError("header size differs from the decoded size")
-    # (1, 3, h, w) with true channels_last strides (img[None] would give the batch dim a
-    # stride of 3, and torch would take the 3x slower NCHW route and return NCHW).
-    region = img.permute(1, 2, 0).unsqueeze(0).permute(0, 3, 1, 2)[:, :, y0:y1, x0:x1]
-    if (y1 - y0, x1 - x0) != (size[1], size[0]):
-        # Antialiasing only changes a downscale; the plain kernel is faster and equal up.
-        down = y1 - y0 > size[1] or x1 - x0 > size[0]
-        region = F.interpolate(region, size=(size[1], size[0]), mode="bilinear",
-                               align_corners=False, antialias=down)
-    out = region[0].permute(1, 2, 0).numpy()  # HWC
-    return out[:, ::-1] if flip else out  # a mirrored view: the batch copy reads it once
+    return img
 
 
-def _pil_crop(fp, choose) -> np.ndarray:
+def _resize(region: torch.Tensor, size: tuple[int, int], scales=None) -> torch.Tensor:
+    """Bilinear resize of (1, 3, H, W) uint8 to ``size`` (h, w); ``scales`` (output per
+    source pixel, y and x) fixes the sampling grid where ``size`` is only its top-left part
+    (F.interpolate takes a size or a scale, not both; the aten ops take both)."""
+    if scales is None:
+        scales = (size[0] / region.shape[-2], size[1] / region.shape[-1])
+    # torch's uint8 kernel skips an axis whose output length equals its input length,
+    # whatever the scale: ask for one more output there (only a scale of 1 is a copy).
+    asked = [n + (n == m and s != 1.0)
+             for n, m, s in zip(size, region.shape[-2:], scales, strict=True)]
+    if asked == list(region.shape[-2:]):
+        return region
+    # Antialiasing only changes a downscale; the plain kernel is faster and equal up.
+    if scales[0] < 1.0 or scales[1] < 1.0:
+        out = torch.ops.aten._upsample_bilinear2d_aa(region, asked, False, *scales)
+    else:
+        out = torch.ops.aten.upsample_bilinear2d(region, asked, False, *scales)
+    return out[:, :, :size[0], :size[1]]
+
+
+def _pil_crop(fp, choose, draft: bool = False) -> np.ndarray:
+    """The PIL path: PIL's box resize is resize-then-crop; an ``edge="box"`` crop is cut
+    out first. With ``draft``, a JPEG whose box shrinks 2x or more is decoded at 1/2..1/8
+    scale in the DCT: faster, but the DCT's downscale is not the bilinear filter's."""
     from PIL import Image
 
     with Image.open(fp) as img:
         w, h = img.size
-        box, size, flip = choose(w, h)
+        box, size, flip, edge = Crop(*choose(w, h))
         x0, y0, x1, y1 = box
         k = int(min((x1 - x0) / size[0], (y1 - y0) / size[1]))
-        if k >= 2 and img.format == "JPEG":
+        if draft and k >= 2 and img.format == "JPEG":
             # draft never reduces by more than k: W // ceil(W/k) <= k.
             got = img.draft("RGB", (-(-w // k), -(-h // k)))
             if got is not None:
@@ -191,6 +271,9 @@ def _pil_crop(fp, choose) -> np.ndarray:
                 box = (x0 / s, y0 / s, x1 / s, y1 / s)
         if img.mode != "RGB":
             img = img.convert("RGB")
+        if edge == "box":
+            img = img.crop(tuple(int(round(v)) for v in box))
+            box = None
         out = img.resize(size, Image.BILINEAR, box=box)
     if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)

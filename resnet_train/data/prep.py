@@ -56,24 +56,36 @@ class DevicePrep:
                  reuse_output: bool = False, rank: int = 0, world: int = 1):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in [0, world={world})")
-        self.rank, self.world = rank, world
-        mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device)
-        self.mean = mean_t.view(1, 3, 1, 1) if mean_t.dim() == 1 else mean_t.unsqueeze(0)
-        self.std = None if std is None else torch.as_tensor(
-            std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.rank, self.world, self.device = rank, world, device
+        self.set_stats(mean, std)
         self.pca_alpha = pca_alpha
         self.color_jitter = color_jitter
         self.eigval = torch.tensor(IMAGENET_EIGVAL, device=device)
         self.eigvec = torch.tensor(IMAGENET_EIGVEC, device=device)
         self.channels_last = channels_last
+        self.reuse_output = reuse_output
+        self._outputs: dict[tuple, torch.Tensor] = {}
+
+    def set_stats(self, mean, std=None) -> None:
+        """Normalise with ``mean`` ((3,) or a (3, H, W) mean image, in [0, 1]) and ``std``."""
+        device = self.device
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).to(device)
+        self.mean = mean_t.view(1, 3, 1, 1) if mean_t.dim() == 1 else mean_t.unsqueeze(0)
+        self.std = None if std is None else torch.as_tensor(
+            std, dtype=torch.float32).to(device).view(1, 3, 1, 1)
         # x/255 - mean) / std == (x - 255 mean) * 1/(255 std): two in-place passes after the
         # uint8 -> float conversion instead of four.
         self._offset = self.mean * 255.0
         self._scale = 1.0 / (255.0 * (self.std if self.std is not None
                                       else torch.ones(1, 3, 1, 1, device=device)))
         self._resized_offsets: dict[tuple[int, int], torch.Tensor] = {}
-        self.reuse_output = reuse_output
-        self._outputs: dict[tuple, torch.Tensor] = {}
+
+    def stats(self) -> dict:
+        """{"mean": (3,) or (3, H, W), "std": (3,) or None}: CPU float32, for checkpoints."""
+        m = self.mean[0]
+        mean = m.flatten() if tuple(m.shape[-2:]) == (1, 1) else m
+        return {"mean": mean.cpu().clone(),
+                "std": None if self.std is None else self.std.flatten().cpu().clone()}
 
     def _float_copy(self, x: torch.Tensor) -> torch.Tensor:
         """x as a new float32 tensor of the same layout (the in-place ops below need one)."""

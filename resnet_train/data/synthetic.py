@@ -148,7 +148,8 @@ def _fixed_split(n: int, size: int, num_classes: int, seed: int, device) -> tupl
     return images, labels
 
 
-def build_synthetic(cfg, device, rank: int, world: int, run_dir=None) -> DataBundle:
+def build_synthetic(cfg, device, rank: int, world: int, run_dir=None,
+                    stored=None) -> DataBundle:
     d = cfg.data
     k = d.num_classes or d.synthetic_classes
     if k > len(CLASS_NAMES) or k < 2:
@@ -193,7 +194,8 @@ class SyntheticImageNetTrain(Loader):
             yield x, y
 
 
-def build_synthetic_imagenet(cfg, device, rank: int, world: int, run_dir=None) -> DataBundle:
+def build_synthetic_imagenet(cfg, device, rank: int, world: int, run_dir=None,
+                             stored=None) -> DataBundle:
     d = cfg.data
     k = d.num_classes or 1000
     size = d.train.crop
