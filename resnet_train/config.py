@@ -240,11 +240,14 @@ class ScheduleConfig:
     threshold: float = opt(1e-3, "plateau: minimal absolute decrease of val error",
                            resume="state", min=0)
     min_lr: float = opt(0.0, "lower bound of the lr (plateau, cosine)", resume="state", min=0)
-    warmup: int = opt(0, "linear warm-up length (warmup_unit) from warmup_start_factor x lr",
+    warmup: int = opt(0, "warm-up length (warmup_unit) starting at warmup_start_factor x lr",
                       resume="state", min=0)
+    warmup_shape: Literal["linear", "constant"] = opt(
+        "linear", "warm-up: linear ramp to lr, or constant factor (He et al. 2016: 0.01 for "
+        "400 iterations)", resume="state")
     warmup_unit: Literal["epoch", "iter"] = opt("epoch", "unit of the warm-up length",
                                                 resume="state")
-    warmup_start_factor: float = opt(0.1, "lr factor at the start of the linear warm-up",
+    warmup_start_factor: float = opt(0.1, "lr factor at the start of the warm-up",
                                      resume="state", min=0)
     low_lr_until_error: float | None = opt(
         None, "ResNet-110 warm-up: lr x low_lr_factor until train error < this",

@@ -205,10 +205,13 @@ class LRSchedule:
                                   optimizer.param_groups[0]["params"][0].device)
 
     def warmup_factor(self, step: int) -> float:
-        """LinearLR(start_factor, 1.0, total_iters=warm-up steps) at iteration `step`."""
+        """At iteration `step`: LinearLR(start_factor, 1.0, total_iters=warm-up steps), or
+        ConstantLR(start_factor, total_iters=warm-up steps) for warmup_shape: constant."""
         if step >= self.warmup_steps:
             return 1.0
         start = self.cfg.warmup_start_factor
+        if self.cfg.warmup_shape == "constant":
+            return start
         return start + (1.0 - start) * step / self.warmup_steps
 
     def lr_at(self, step: int) -> float:

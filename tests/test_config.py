@@ -234,7 +234,8 @@ def test_every_key_is_classified_for_resume():
                   "data.image_size", "data.train_samples", "data.synthetic_classes",
                   "data.val_split", "data.holdout_size", "data.holdout_seed",
                   "data.cifar100_labels", "data.normalize", "data.mean", "data.std",
-                  "data.divide_std", "data.pixel_mean_samples", "data.batch_size",
+                  "data.divide_std", "data.pixel_mean_samples", "data.jpeg_draft",
+                  "data.batch_size",
                   "data.val.resize", "train.accum_steps", "train.label_smoothing", "run.seed"]
                  + [k for k in keys if k.split(".")[0] in ("optim", "schedule")]
                  + [k for k in keys if k.startswith("data.train.")],

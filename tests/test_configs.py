@@ -48,6 +48,20 @@ def test_paper_recipes():
     assert (i.data.batch_size, i.optim.lr, i.schedule.name) == (256, 0.1, "plateau")
     assert i.data.train.scale == [256, 480] and i.data.train.pca_lighting == 0.1
     assert (i.model.variant, i.model.shortcut) == ("v1", "B")
+    # He et al. 2016 appendix: ImageNet lr 0.1, no warm-up, / 10 at 30 and 60 epochs;
+    # Table 5 tests a single 320 crop at s = 320
+    r = load_config(os.path.join(ROOT, "configs", "imagenet_preact_r200.yaml"),
+                    ["data.root=/tmp"])
+    assert (r.model.arch, r.schedule.name, r.schedule.unit, r.schedule.milestones,
+            r.schedule.warmup, r.schedule.low_lr_until_error) == (
+        "preact_resnet200", "multistep", "epoch", [30, 60], 0, None)
+    assert (r.data.val.resize, r.data.val.crop, r.data.batch_size) == (320, 320, 256)
+    # IM's CIFAR recipe: the constant 0.01 warm-up for 400 iterations, then DRL's steps
+    p = load_config(os.path.join(ROOT, "configs", "cifar10_preact_resnet164.yaml"),
+                    ["data.root=/tmp"])
+    assert (p.schedule.warmup, p.schedule.warmup_shape, p.schedule.milestones,
+            p.train.iterations, p.data.batch_size) == (400, "constant", [32000, 48000], 64000,
+                                                       128)
 
 
 def test_shortcut_variant_configs_cover_im_table1():
@@ -63,6 +77,9 @@ def test_shortcut_variant_configs_cover_im_table1():
         c = load_config(path, ["data.root=/tmp"])
         assert (c.model.arch, c.model.unit, c.model.shortcut_variant) == ("resnet110",
                                                                           "original", name)
-        assert c.schedule.low_lr_until_error == 0.8  # ResNet-110's warm-up
+        # IM's CIFAR warm-up: lr x 0.1 for the first 400 iterations (not DRL's 80% rule)
+        assert c.schedule.low_lr_until_error is None
+        assert (c.schedule.warmup, c.schedule.warmup_unit, c.schedule.warmup_shape,
+                c.schedule.warmup_start_factor) == (400, "iter", "constant", 0.1)
         with open(path) as f:
             assert "Table 1" in f.readline() + f.readline()

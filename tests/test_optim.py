@@ -116,6 +116,25 @@ def test_warmup_matches_linear_lr_per_iteration():
     assert s.lr_at(20) == pytest.approx(0.1)              # end
 
 
+def test_constant_warmup_matches_torch_sequential_constant_then_multistep():
+    """He et al. 2016: lr 0.01 for the first 400 iterations, then 0.1, / 10 at 32k, 48k
+    (the milestones count from iteration 0). Reference: torch's ConstantLR composed with
+    MultiStepLR, per iteration (scaled down 100x: 4, 320, 480)."""
+    _, _, s = make("schedule.name=multistep", "schedule.unit=iter",
+                   "schedule.milestones=[320,480]", "schedule.warmup=4",
+                   "schedule.warmup_unit=iter", "schedule.warmup_shape=constant",
+                   "schedule.warmup_start_factor=0.1", spe=10)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    ref = torch.optim.lr_scheduler.ChainedScheduler([
+        torch.optim.lr_scheduler.ConstantLR(opt, factor=0.1, total_iters=4),
+        torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[320, 480], gamma=0.1)])
+    for i in range(600):
+        assert s.lr_at(i) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9), i
+        opt.step()
+        ref.step()
+    assert s.lr_at(3) == pytest.approx(0.01) and s.lr_at(4) == pytest.approx(0.1)
+
+
 def test_warmup_composes_with_multistep():
     # The warm-up multiplies the schedule's factor; the milestones are not shifted.
     _, _, s = make("schedule.name=multistep", "schedule.unit=iter", "schedule.milestones=[50,200]",
