@@ -240,6 +240,7 @@ class TrainState:
         self.best_top1, self.best_epoch = -1.0, -1
         self.epoch_end_pending = False
         self.metrics: dict | None = None  # the last epoch's record
+        self.final_eval: dict | None = None  # the final evaluation's record (its protocol)
 
     @property
     def epoch(self) -> int:
@@ -273,6 +274,7 @@ class TrainState:
             "complete": self.step >= self.total_steps and not self.epoch_end_pending,
             "best_top1": self.best_top1, "best_epoch": self.best_epoch,
             "world_size": self.info.world, "metrics": self.metrics,
+            "final_eval": self.final_eval,
             "rng": rng_state(), "config": self.config,
             "versions": {"resnet_train": __version__, "torch": str(torch.__version__)},
             "saved_at": time.time(),
@@ -304,6 +306,7 @@ class TrainState:
         self.best_top1, self.best_epoch = float(state["best_top1"]), int(state["best_epoch"])
         self.epoch_end_pending = bool(state["epoch_end_pending"])
         self.metrics = state.get("metrics")
+        self.final_eval = state.get("final_eval")
         set_rng_state(state["rng"])
 
 

@@ -154,6 +154,11 @@ class ValAugConfig:
                             resume="eval", min=1)
     flip: bool = opt(False, "multiscale protocol: also average the horizontal flips",
                      resume="eval")
+    # The papers' numbers are measured with their test protocol (DRL Tables 2, 3: 10-crop;
+    # Table 4: multi-scale), too costly for every epoch: one more pass after the last epoch.
+    final_protocol: Literal["same", "center", "ten_crop", "multiscale"] = opt(
+        "same", "protocol of one more evaluation after the last epoch (the paper's test); "
+        "same = none beyond data.val.protocol", resume="safe")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import torch.nn as nn
 from . import checkpoint as ckpt_io
 from . import distributed as dist_utils
 from .config import Config, dump, resume_changes, resume_notice, resume_refusal, to_dict
+from .data import final_val_config
 from .data.sampling import batch_generator
 from .engine import SCALER_CALIBRATION, Meter, Timer, TrainStep, evaluate, scorer_for
 from .errors import ConfigError, EnvironmentFailure, ResnetTrainError, UserError
@@ -113,6 +114,8 @@ class Trainer:
         if self.data is not None:
             self.data.train.close()
             self.data.val.close()
+            if self.data.final is not None:
+                self.data.final.close()
         for name in ("train_step", "state", "model", "data", "schedule", "epoch_meter",
                      "window_meter"):
             self.__dict__.pop(name, None)
@@ -391,9 +394,12 @@ class Trainer:
         cfg, st, info = self.cfg, self.state, self.info
         epoch = (st.step - 1) // self.steps_per_epoch
         self.progress.close()
-        val = None
+        val, final = None, None
         if (epoch + 1) % cfg.train.eval_every == 0 or st.step >= st.total_steps:
             val = self._validate()
+            if st.step >= st.total_steps and val is not None and self.data.final is not None:
+                final = self._validate(final=True)
+                val = val if final is not None else None
             if val is None:
                 self._save(("last.pt",))
                 return True
@@ -410,6 +416,8 @@ class Trainer:
         rec = self._epoch_record(epoch, train, val, bad, val_bad)
         if info.is_main:
             self._report_epoch(rec, val, (bad_paths, val_paths))
+        if final is not None:
+            st.final_eval = self._report_final(epoch, final)
         self.epoch_meter.reset()
         self.timer.reset()
         st.epoch_end_pending, st.metrics = False, rec
@@ -419,15 +427,31 @@ class Trainer:
         self._save(tuple(names))
         return False
 
-    def _validate(self) -> dict | None:
-        """Score the weights that the checkpoint will hold; None if a signal stopped it."""
+    def _validate(self, final: bool = False) -> dict | None:
+        """Score the weights that the checkpoint will hold (``final``: under
+        data.val.final_protocol); None if a signal stopped it."""
         # DDP keeps only the parameters in sync: every rank's BatchNorm statistics differ.
         # Rank 0's are the saved ones, so every rank scores with those.
         dist_utils.broadcast_tensors(list(self.model.buffers()), self.info)
-        common = dist_utils.min_over_ranks(len(self.data.val), self.runtime.device, self.info)
-        return evaluate(self.model, self.data.val, self.data.val_prep, self.runtime, self.info,
-                        views=scorer_for(self.cfg.data.val),
-                        stop=lambda i: i < common and self.stop.poll(i))
+        loader = self.data.final if final else self.data.val
+        views = scorer_for(final_val_config(self.cfg) if final else self.cfg.data.val)
+        common = dist_utils.min_over_ranks(len(loader), self.runtime.device, self.info)
+        return evaluate(self.model, loader, self.data.val_prep, self.runtime, self.info,
+                        views=views, stop=lambda i: i < common and self.stop.poll(i))
+
+    def _report_final(self, epoch: int, final: dict) -> dict:
+        """The final evaluation's record: metrics.jsonl "final", TB final/*, the console."""
+        protocol = self.cfg.data.val.final_protocol
+        rec = {"kind": "final", "epoch": epoch, "global_step": self.state.step,
+               "protocol": protocol, "val_loss": final["loss"], "val_top1": final["top1"],
+               "val_top5": final["top5"], "val_n": final["n"]}
+        if self.info.is_main:
+            self.logger.record(rec)
+            self.logger.scalars({"final/top1": final["top1"], "final/top5": final["top5"],
+                                 "final/loss": final["loss"]}, self.state.step)
+            say(f"final evaluation ({protocol}): val loss {final['loss']:.4f} top1 "
+                f"{final['top1']:.4f} top5 {final['top5']:.4f} on {final['n']} images")
+        return rec
 
     def _epoch_record(self, epoch: int, train: dict, val: dict | None, bad: int,
                       val_bad: int) -> dict:
@@ -444,7 +468,8 @@ class Trainer:
         return {"kind": "epoch", "epoch": epoch, "global_step": self.state.step,
                 "lr": self.train_step.optimizer.param_groups[0]["lr"],
                 "train_loss": train["loss"], "train_top1": train["top1"],
-                "train_top5": train["top5"], "val_loss": v.get("loss"),
+                "train_top5": train["top5"], "val_protocol": self.cfg.data.val.protocol,
+                "val_loss": v.get("loss"),
                 "val_top1": v.get("top1"), "val_top5": v.get("top5"), "val_n": v.get("n"),
                 **perf, "bad_images": bad, "val_bad_images": val_bad,
                 "skipped_steps": train["skipped"]}

@@ -234,3 +234,33 @@ def test_pixel_mean_is_stored_in_the_checkpoint_and_never_rescanned(data_root, t
         got["loss"] == pytest.approx(epoch0["val_loss"], rel=1e-5)
     assert train_cli.main(args[:-1] + ["train.epochs=2"]) == 0  # resumes; no scan either
     assert len(records(run_dir, "epoch")) == 2
+
+
+def test_final_evaluation_uses_the_configured_protocol(clean_root, tmp_path, capsys):
+    """data.val.final_protocol: one more pass after the last epoch under the paper's test
+    protocol; its record (metrics.jsonl "final", the checkpoint's final_eval) names it and
+    equals resnet-eval of the same weights under that protocol."""
+    from resnet_train import checkpoint as ckpt_io
+    run_dir = str(tmp_path / "run")
+    assert train_cli.main(folder_args(clean_root, run_dir, "train.epochs=1",
+                                      "data.val.final_protocol=ten_crop")) == 0
+    (epoch0,) = records(run_dir, "epoch")
+    (final,) = records(run_dir, "final")
+    assert epoch0["val_protocol"] == "center" and final["protocol"] == "ten_crop"
+    assert final["val_n"] == epoch0["val_n"] == 9 and final["epoch"] == 0
+    assert "final evaluation (ten_crop)" in capsys.readouterr().out
+    last = os.path.join(run_dir, "checkpoints", "last.pt")
+    assert ckpt_io.load(last)["final_eval"] == final
+    ref = _eval(run_dir, clean_root, "data.val.protocol=ten_crop")
+    center = _eval(run_dir, clean_root)
+    assert ref["top1"] == pytest.approx(final["val_top1"])
+    assert ref["loss"] == pytest.approx(final["val_loss"], rel=1e-5)
+    assert center["loss"] == pytest.approx(epoch0["val_loss"], rel=1e-5)
+    assert center["loss"] != pytest.approx(final["val_loss"], rel=1e-5)  # another protocol
+
+
+def test_final_protocol_needs_full_size_images(tmp_path, capsys):
+    from .helpers import tiny
+    assert train_cli.main(tiny(tmp_path / "r", "data.val.final_protocol=multiscale")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.val.final_protocol" in err[0] and "synthetic" in err[0]

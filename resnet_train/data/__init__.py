@@ -9,6 +9,7 @@ and one entry in ``BUILDERS``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator
@@ -47,6 +48,16 @@ class DataBundle:
     train_prep: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
     val_prep: Callable[[torch.Tensor], torch.Tensor]
     info: dict = field(default_factory=dict)
+    final: Loader | None = None  # the validation split under data.val.final_protocol
+
+
+def final_val_config(cfg: Config):
+    """``cfg.data.val`` with the final evaluation's protocol, or None when there is no
+    final evaluation beyond the per-epoch one."""
+    v = cfg.data.val
+    if v.final_protocol in ("same", v.protocol):
+        return None
+    return dataclasses.replace(v, protocol=v.final_protocol)
 
 
 # dataset name -> "module:function"; each builder takes (cfg, device, rank, world, run_dir,
@@ -100,6 +111,11 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world: int = 1,
     module, fn = BUILDERS[cfg.data.dataset].split(":")
     builder = getattr(importlib.import_module(f"{__name__}.{module}"), fn)
     stored = stored_stats(cfg, norm)
+    final = final_val_config(cfg)
+    if final is not None and cfg.data.dataset not in ("imagenet", "folder"):
+        raise ConfigError(f"data.val.final_protocol: {final.protocol} views are cut from "
+                          f"full-size images (imagenet, folder); {cfg.data.dataset} is "
+                          f"evaluated on its own images: use same or center")
     bundle = builder(cfg, device, rank, world, run_dir, stored)
     if stored is not None:  # (only the folder builder needs them up front, to skip its scan)
         for prep in (bundle.train_prep, bundle.val_prep):

@@ -11,6 +11,7 @@ by (seed, epoch, index), so resuming at batch k decodes nothing before it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -25,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import ConfigError, DataError
-from . import DataBundle, Loader
+from . import DataBundle, Loader, final_val_config
 from .geometry import (crop_box_center, crop_box_full, crop_box_paper, crop_box_resized,
                        crop_box_rrc)
 from .jpeg import load_crop
@@ -406,6 +407,12 @@ def build_folder(cfg, device, rank: int, world: int, run_dir=None,
     shard = val_shard(len(val_paths), rank, world)
     val = make_loader(val_paths, val_labels, geometry, cfg, _val_order(shard, vlocal),
                       math.ceil(len(shard) / vlocal), device=device, seed_tag=12)
+    final = final_val_config(cfg)
+    if final is not None:
+        fcfg = dataclasses.replace(cfg, data=dataclasses.replace(d, val=final))
+        geometry, flocal = val_geometry(fcfg, local)
+        final = make_loader(val_paths, val_labels, geometry, fcfg, _val_order(shard, flocal),
+                            math.ceil(len(shard) / flocal), device=device, seed_tag=13)
     if stored is not None:  # the checkpoint's values: no scan of the training set
         mean = stored[0]
     elif d.normalize == "pixel_mean":
@@ -420,4 +427,4 @@ def build_folder(cfg, device, rank: int, world: int, run_dir=None,
     val_prep = DevicePrep(mean, std, channels_last=False, device=device, reuse_output=reuse)
     info = {"classes": classes, "train_samples": n, "val_samples": len(val_paths),
             "val_protocol": d.val.protocol}
-    return DataBundle(train, val, k, train_prep, val_prep, info)
+    return DataBundle(train, val, k, train_prep, val_prep, info, final)
