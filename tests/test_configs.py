@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 
 import pytest
 
@@ -29,7 +30,7 @@ def test_config_loads(path, tmp_path):
     else:
         assert family == "imagenet"
     # the options in the file are accepted by the model builder (tiny width keeps it cheap)
-    depth = int("".join(c for c in cfg.model.arch if c.isdigit()))
+    depth = int(re.search(r"\d+", cfg.model.arch).group())  # resnet110_1layer: 110
     if depth <= 110:
         m = cfg.model
         build_model(m.arch, 10, variant=m.variant, shortcut=m.shortcut, unit=m.unit,

@@ -9,10 +9,12 @@ import torch
 import torchvision
 from torch import fx, nn
 
+from resnet_train.cli import run_main
 from resnet_train.errors import UserError
 from resnet_train.models import (ARCH_SPECS, ARCHS, SHORTCUT_VARIANTS, UNITS, arch_family,
                                  build_model, collect_block_norms, set_report_norms)
-from resnet_train.models.blocks import BasicBlock, Bottleneck, PadShortcut, ResidualBlock
+from resnet_train.models.blocks import (BasicBlock, Bottleneck, OneLayerBlock, PadShortcut,
+                                        ResidualBlock)
 
 TV_DEPTHS = {
     "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
@@ -570,3 +572,132 @@ def test_bad_num_classes_and_unknown_family_lookup():
     # options that equal the pinned or only choice are accepted
     assert build_model("resnet20", 10, variant="v1", width=4) is not None
     assert build_model("plain20", 10, shortcut="none", width=4) is not None
+
+
+# ---------------------------------------------------------------- IM Table 3: 1-layer units
+
+ONE_LAYER = {"resnet110_1layer": "original", "preact_resnet110_1layer": "full_preact"}
+
+
+def _blocks(model: nn.Module) -> list[ResidualBlock]:
+    return [m for m in model.modules() if isinstance(m, ResidualBlock)]
+
+
+@pytest.mark.parametrize("arch", ONE_LAYER)
+def test_one_layer_nets_have_110_weight_layers_and_108_units(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 10, width=4)
+    assert ARCH_SPECS[arch].unit == ONE_LAYER[arch]
+    blocks = _blocks(model)
+    assert len(blocks) == 108 and [len(model.layer1), len(model.layer2), len(model.layer3)] \
+        == [36, 36, 36]
+    for block in blocks:
+        convs = [n for n, m in block.named_modules() if isinstance(m, nn.Conv2d)]
+        assert convs == ["conv1"] and block.conv1.kernel_size == (3, 3)
+    # option A: the only shortcuts that do anything are the two parameter-free pads, in the
+    # strided first units of stages 2 and 3, so every conv lies on the deepest path
+    pads = [b for b in blocks if b.downsample is not None]
+    assert pads == [model.layer2[0], model.layer3[0]]
+    assert all(isinstance(b.downsample, PadShortcut) and b.conv1.stride == (2, 2) for b in pads)
+    assert all(b.conv1.stride == (1, 1) for b in blocks if b not in pads)
+    ops = op_kinds(model)
+    assert ops.count("conv") + ops.count("fc") == 110  # stem + 108 units + fc
+    assert (ops.count("add"), ops.count("pad")) == (108, 2)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("arch,two_conv", [("resnet110_1layer", "resnet110"),
+                                           ("preact_resnet110_1layer", "preact_resnet110")])
+def test_one_layer_nets_have_resnet110s_parameters(arch, two_conv):
+    # the same 108 unit convs (one 16->32 and one 32->64, the rest square) and BN widths,
+    # grouped one per unit instead of two
+    assert n_params(meta_model(arch, 10)) == n_params(meta_model(two_conv, 10)) \
+        == CIFAR_COUNTS["resnet110"]
+
+
+def test_one_layer_unit_op_orders():
+    assert op_kinds(OneLayerBlock(8, 8)) == "conv bn add relu".split()
+    assert op_kinds(OneLayerBlock(8, 8, unit="full_preact")) == "bn relu conv add".split()
+    assert op_kinds(OneLayerBlock(4, 8, 2)) == "conv bn pad add relu".split()
+    shared = OneLayerBlock(4, 8, 2, unit="full_preact", preact="shared")
+    assert op_kinds(shared) == "bn relu conv pad add".split()
+    assert shared.bn1.num_features == 4
+    original = op_kinds(build_model("resnet110_1layer", 10, width=4))
+    assert original[:5] == ["conv", "bn", "relu", "conv", "bn"]
+    assert original[-4:] == ["add", "relu", "avgpool", "fc"]
+    preact = op_kinds(build_model("preact_resnet110_1layer", 10, width=4))
+    # bare conv stem; the first unit's BN-ReLU is the first BN-ReLU of the net
+    assert preact[:4] == ["conv", "bn", "relu", "conv"]
+    assert preact[-5:] == ["add", "bn", "relu", "avgpool", "fc"]
+
+
+def _record_unit(block: ResidualBlock, seen: dict) -> None:
+    """Hooks storing each op's input and output tensor of one 1-layer unit's forward."""
+    def pre(name):
+        return lambda m, inputs: seen.setdefault(block, {}).__setitem__(f"{name}_in", inputs[0])
+
+    def post(name):
+        return lambda m, inputs, out: seen[block].__setitem__(f"{name}_out", out)
+
+    for name in ("block", "bn1", "relu", "conv1"):
+        m = block if name == "block" else getattr(block, name)
+        m.register_forward_pre_hook(pre(name))
+        m.register_forward_hook(post(name))
+
+
+def _shortcut(block: ResidualBlock, x: torch.Tensor) -> torch.Tensor:
+    return x if block.downsample is None else block.downsample(x)
+
+
+@pytest.mark.parametrize("arch", ONE_LAYER)
+def test_one_layer_units_apply_their_order(arch):
+    # every unit of the built net, followed tensor by tensor: which op reads the unit's input
+    # and what is added to what
+    torch.manual_seed(0)
+    model = build_model(arch, 10, width=4).train()
+    seen: dict = {}
+    for block in _blocks(model):
+        _record_unit(block, seen)
+    model(torch.randn(2, 3, 32, 32))
+    assert len(seen) == 108
+    for block, t in seen.items():
+        x = t["block_in"]
+        if arch.startswith("preact"):  # BN, then ReLU, then the conv; no op after the add
+            assert t["bn1_in"] is x and t["relu_in"] is t["bn1_out"]
+            assert t["conv1_in"] is t["relu_out"]
+            h = _shortcut(block, t["relu_out"] if block.pre_ops else x)
+            torch.testing.assert_close(t["relu_out"], _pre(block, x) if block.pre_ops
+                                       else torch.relu(block.bn1(x)), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(t["block_out"], t["conv1_out"] + h, rtol=0, atol=0)
+        else:  # conv, BN, add, then the ReLU that ends the unit
+            assert t["conv1_in"] is x and t["bn1_in"] is t["conv1_out"]
+            torch.testing.assert_close(t["relu_in"], t["bn1_out"] + _shortcut(block, x),
+                                       rtol=0, atol=0)
+            assert t["block_out"] is t["relu_out"] and t["block_out"].min() >= 0
+    # the shared pre-activation: every stage's first unit, the rest apply it in F
+    shared = [b for b in seen if b.pre_ops]
+    assert shared == ([model.layer1[0], model.layer2[0], model.layer3[0]]
+                      if arch.startswith("preact") else [])
+
+
+@pytest.mark.parametrize("unit", sorted(set(UNITS) - set(OneLayerBlock.units)))
+def test_one_layer_nets_refuse_other_unit_orders(unit, capsys):
+    assert OneLayerBlock.units == ("original", "full_preact")
+    with pytest.raises(UserError) as info:
+        build_model("resnet110_1layer", 10, unit=unit, width=4)
+    msg = str(info.value)
+    assert "\n" not in msg
+    for needle in (f"unit={unit!r}", "resnet110_1layer", "Table 3", "original, full_preact"):
+        assert needle in msg
+    with pytest.raises(UserError, match="fixes unit='full_preact'"):
+        build_model("preact_resnet110_1layer", 10, unit=unit, width=4)
+    with pytest.raises(ValueError, match=unit):
+        OneLayerBlock(8, 8, unit=unit)
+    # as the CLI reports it: one line on stderr, exit code 2
+    assert run_main("resnet-train", lambda: build_model("resnet110_1layer", 10,
+                                                        unit=unit)) == 2
+    err = capsys.readouterr().err
+    assert err == f"resnet-train: error: {msg}\n"
+    # the two orders of Table 3 build, from either name
+    assert build_model("resnet110_1layer", 10, unit="full_preact", width=4) is not None
+    assert build_model("preact_resnet110_1layer", 10, unit="full_preact", width=4) is not None

@@ -13,7 +13,7 @@ from torch import nn
 
 from resnet_train.errors import UserError
 from resnet_train.models.blocks import (SHORTCUT_VARIANTS, SHORTCUTS, UNITS, ZERO_INIT_REFUSED,
-                                        BasicBlock, Bottleneck, ResidualBlock,
+                                        BasicBlock, Bottleneck, OneLayerBlock, ResidualBlock,
                                         collect_block_norms, set_report_norms)
 from resnet_train.models.cifar import CifarResNet
 from resnet_train.models.imagenet import ImageNetResNet
@@ -48,7 +48,7 @@ FAMILIES = {
     "cifar": Family(CifarResNet, 16, ("v1",)),
 }
 
-_B, _P = BasicBlock, Bottleneck
+_B, _P, _1 = BasicBlock, Bottleneck, OneLayerBlock
 _PLAIN = dict(shortcut="none", pinned=("shortcut",))
 _PREACT = dict(unit="full_preact", pinned=("unit",))
 
@@ -91,6 +91,10 @@ ARCH_SPECS: dict[str, ArchSpec] = {
     "resnet1001": ArchSpec("cifar", _P, (111, 111, 111), "B"),
     "preact_resnet164": ArchSpec("cifar", _P, (18, 18, 18), "B", **_PREACT),
     "preact_resnet1001": ArchSpec("cifar", _P, (111, 111, 111), "B", **_PREACT),
+    # CIFAR, depth 3n+2 with one 3x3 conv per unit (He et al. 2016, Table 3, "ResNet-110
+    # (1layer skip)"): 108 units of one layer keep ResNet-110's layer count and its convs.
+    "resnet110_1layer": ArchSpec("cifar", _1, (36, 36, 36), "A"),
+    "preact_resnet110_1layer": ArchSpec("cifar", _1, (36, 36, 36), "A", **_PREACT),
 }
 
 ARCHS: list[str] = sorted(ARCH_SPECS)
@@ -99,7 +103,7 @@ ARCHS: list[str] = sorted(ARCH_SPECS)
 OPTIONS = {
     "variant": "v1.5 for ImageNet nets (the only choice for CIFAR nets is v1)",
     "shortcut": "the arch's: B for ImageNet nets, A for CIFAR basic, B for CIFAR bottleneck",
-    "unit": "the arch's: original, full_preact for preact_*",
+    "unit": "the arch's: original, full_preact for preact_* (*_1layer: only these two)",
     "zero_init_residual": "False",
     "shortcut_variant": "plain identity sum F(x) + h(x) (IM Table 1's variants: SHORTCUT_VARIANTS)",
     "width": "64 for ImageNet nets, 16 for CIFAR nets",
@@ -199,6 +203,10 @@ def build_model(arch: str, num_classes: int, **options: Any) -> nn.Module:
                       f" for {arch} ({spec.family} net)")
     sv_name, shortcut = _shortcut_options(arch, spec, given)
     unit = _choice("unit", given.get("unit", spec.unit), tuple(UNITS))
+    if unit not in spec.block.units:
+        raise UserError(f"model option unit={unit!r} is not valid for {arch} (one conv per "
+                        "unit; He et al. 2016, Table 3 builds it with the original and the "
+                        f"full pre-activation unit only); valid: {', '.join(spec.block.units)}")
     zero_init = _zero_init_option(arch, given, shortcut, unit, sv_name)
     model = family.network(
         spec.block, spec.layers, _positive_int("num_classes", num_classes),

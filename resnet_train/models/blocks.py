@@ -156,6 +156,7 @@ class ResidualBlock(nn.Module):
     """
 
     expansion = 1
+    units: tuple[str, ...] = tuple(UNITS)  # the orders (UNITS keys) build_model allows
 
     def __init__(self, convs: list[nn.Conv2d], stride: int, *, unit: str, shortcut: str,
                  preact: str = "branch", shortcut_variant: str | None = None) -> None:
@@ -262,6 +263,32 @@ class BasicBlock(ResidualBlock):
         convs = [conv3x3(inplanes, planes, stride), conv3x3(planes, planes)]
         super().__init__(convs, stride, unit=unit, shortcut=shortcut, preact=preact,
                          shortcut_variant=shortcut_variant)
+
+
+class OneLayerBlock(ResidualBlock):
+    """One 3x3 conv in F: IM Table 3's "ResNet-110 (1layer skip)", 1 + 3 x 36 + 1 layers.
+
+    IM Sec. 4.1: "a 110-layer ResNet architecture in which each shortcut skips only 1 layer
+    (i.e., a Residual Unit has only 1 layer)". With h(x) the shortcut (identity, or option
+    A's strided zero-padded identity where a stage's first unit widens):
+      original     out = relu(bn1(conv1(x)) + h(x))            IM Fig. 4(a), DRL's order
+      full_preact  out = conv1(relu(bn1(x))) + h(x)            IM Fig. 4(e)
+    At a stage's first full pre-activation unit bn1-relu runs before the split and h reads
+    its output, as in the two-conv nets (`Unit.shared_preact`). Table 3 reports these two
+    orders only; Fig. 4(b-d) are drawn on two weight layers and stay refused here.
+    """
+
+    expansion = 1
+    units = ("original", "full_preact")
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, *, unit: str = "original",
+                 shortcut: str = "A", variant: str = "v1", preact: str = "branch",
+                 shortcut_variant: str | None = None) -> None:
+        if unit not in self.units:
+            raise ValueError(f"unit={unit!r} for a 1-layer unit; valid: {self.units}")
+        # variant only moves the stride inside a bottleneck; one conv has one place for it
+        super().__init__([conv3x3(inplanes, planes, stride)], stride, unit=unit,
+                         shortcut=shortcut, preact=preact, shortcut_variant=shortcut_variant)
 
 
 # Which conv of a bottleneck carries the stride: the paper's 1x1, or the 3x3 (torchvision,
