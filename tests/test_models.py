@@ -238,6 +238,27 @@ def test_unit_op_order(unit):
     assert op_kinds(Bottleneck(16, 4, unit=unit)) == BOTTLENECK_ORDER[unit].split()
 
 
+FIG4 = {  # IM Fig. 4, written out with the block's own layers: the reference of UNITS
+    "original": lambda b, x, r: r(b.bn2(b.conv2(r(b.bn1(b.conv1(x))))) + x),
+    "bn_after_add": lambda b, x, r: r(b.bn2(b.conv2(r(b.bn1(b.conv1(x)))) + x)),
+    "relu_before_add": lambda b, x, r: r(b.bn2(b.conv2(r(b.bn1(b.conv1(x)))))) + x,
+    "relu_only_preact": lambda b, x, r: b.bn2(b.conv2(r(b.bn1(b.conv1(r(x)))))) + x,
+    "full_preact": lambda b, x, r: b.conv2(r(b.bn2(b.conv1(r(b.bn1(x)))))) + x,
+}
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_unit_equals_its_fig4_formula(unit):
+    torch.manual_seed(0)
+    block = BasicBlock(8, 8, unit=unit).train()
+    for m in block.modules():  # non-trivial BN affine parameters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(m.bias, -0.5, 0.5)
+    x = torch.randn(4, 8, 6, 6)
+    torch.testing.assert_close(block(x), FIG4[unit](block, x, torch.relu))
+
+
 def test_projection_block_orders():
     # the projection (conv, + BN unless full pre-activation) runs after the branch
     assert op_kinds(BasicBlock(4, 8, 2)) == "conv bn relu conv bn conv bn add relu".split()

@@ -40,6 +40,13 @@ class Unit:
         return ops[: ops.index("conv")]
 
 
+# Each row read against IM Fig. 4, for a two-conv unit (F = the layer ops, then the last):
+#   (a) original          x_{l+1} = relu(bn2(conv2(relu(bn1(conv1(x))))) + h(x))
+#   (b) bn_after_add      x_{l+1} = relu(bn2(conv2(relu(bn1(conv1(x)))) + h(x)))
+#   (c) relu_before_add   x_{l+1} = relu(bn2(conv2(relu(bn1(conv1(x)))))) + h(x)
+#   (d) relu_only_preact  x_{l+1} = bn2(conv2(relu(bn1(conv1(relu(x)))))) + h(x)
+#   (e) full_preact       x_{l+1} = conv2(relu(bn2(conv1(relu(bn1(x)))))) + h(x)
+# (tests/test_models.py holds each order to its formula, written out, on real tensors.)
 UNITS: dict[str, Unit] = {
     "original": Unit("conv bn relu", "conv bn", "relu", "", False, True, "bn"),
     "bn_after_add": Unit("conv bn relu", "conv", "bn relu", "", False, True, ""),
