@@ -126,7 +126,7 @@ def test_kill_9_at_random_moments_never_loses_a_checkpoint(tmp_path):
     args = tiny(run_dir, "train.epochs=3", "checkpoint.every_steps=2", "checkpoint.every_epochs=1",
                 "checkpoint.keep_last=2", "run.log_every=1")
     rng = random.Random(0)
-    for _ in range(5):
+    for _ in range(3):
         proc = popen("train", *args)
         wait_for(proc, "step ")
         time.sleep(rng.uniform(0.0, 1.5))
