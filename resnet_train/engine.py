@@ -251,6 +251,42 @@ def scorer_for(val_cfg):
     return view_scorer(val_cfg.protocol, val_cfg.crop, val_cfg.scales, val_cfg.flip)
 
 
+@torch.no_grad()
+def precise_bn(model: nn.Module, inputs, runtime: Runtime, info: dist_utils.DistInfo) -> int:
+    """Replace every BatchNorm's running statistics by their plain average over the batches
+    of ``inputs`` (prepared device tensors; "precise BN", as pycls and Wu & Johnson 2021,
+    "Rethinking BatchNorm"), averaged over ranks. Train-mode forwards without gradients: the
+    weights and the optimizer are untouched. Returns the number of batches used."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.track_running_stats]
+    if not bns:
+        return 0
+    momenta = [b.momentum for b in bns]
+    for b in bns:
+        b.reset_running_stats()
+        b.momentum = None  # a cumulative average: batch k counts 1/k
+    was_training, n = model.training, 0
+    model.train()
+    try:
+        for x in inputs:
+            with runtime.autocast():
+                model(runtime.layout(x))
+            n += 1
+    finally:
+        for b, m in zip(bns, momenta, strict=True):
+            b.momentum = m
+        model.train(was_training)
+    if info.enabled:
+        import torch.distributed as dist
+        stats = [t for b in bns for t in (b.running_mean, b.running_var)]
+        flat = torch.cat([t.reshape(-1) for t in stats])
+        dist.all_reduce(flat)
+        flat /= info.world
+        torch._foreach_copy_(stats, [v.view_as(t) for v, t in zip(
+            flat.split([t.numel() for t in stats]), stats, strict=True)])
+    return n
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, prep, runtime: Runtime, info: dist_utils.DistInfo,
              views=None, stop=None) -> dict | None:

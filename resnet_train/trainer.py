@@ -24,7 +24,8 @@ from . import distributed as dist_utils
 from .config import Config, dump, resume_changes, resume_notice, resume_refusal, to_dict
 from .data import final_val_config
 from .data.sampling import batch_generator
-from .engine import SCALER_CALIBRATION, Meter, Timer, TrainStep, evaluate, scorer_for
+from .engine import (SCALER_CALIBRATION, Meter, Timer, TrainStep, evaluate, precise_bn,
+                     scorer_for)
 from .errors import ConfigError, EnvironmentFailure, ResnetTrainError, UserError
 from .logging import Progress, RunLogger, say
 from .runtime import AMP_NAMES, build_model_for, device_kind, resolve_runtime
@@ -395,6 +396,8 @@ class Trainer:
         epoch = (st.step - 1) // self.steps_per_epoch
         self.progress.close()
         val, final = None, None
+        if cfg.train.precise_bn:
+            self._precise_bn(epoch)
         if (epoch + 1) % cfg.train.eval_every == 0 or st.step >= st.total_steps:
             val = self._validate()
             if st.step >= st.total_steps and val is not None and self.data.final is not None:
@@ -438,6 +441,20 @@ class Trainer:
         common = dist_utils.min_over_ranks(len(loader), self.runtime.device, self.info)
         return evaluate(self.model, loader, self.data.val_prep, self.runtime, self.info,
                         views=views, stop=lambda i: i < common and self.stop.poll(i))
+
+    def _precise_bn(self, epoch: int) -> None:
+        """BatchNorm statistics of the current weights over the epoch's first
+        train.precise_bn batches (the same ones whatever the interruptions: resumable)."""
+        cfg, device, gen = self.cfg, self.runtime.device, torch.Generator(self.runtime.device)
+        batches = self.data.train.batches(epoch, 0)
+        # the batches as trained on: same images, same augmentation draws
+        inputs = (self.data.train_prep(x.to(device, non_blocking=True),
+                                       batch_generator(cfg.run.seed, epoch, i, 0, gen))
+                  for i, (x, _) in zip(range(cfg.train.precise_bn), batches, strict=False))
+        try:
+            precise_bn(self.model, inputs, self.runtime, self.info)
+        finally:
+            _close(batches)
 
     def _report_final(self, epoch: int, final: dict) -> dict:
         """The final evaluation's record: metrics.jsonl "final", TB final/*, the console."""

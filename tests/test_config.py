@@ -249,6 +249,7 @@ def test_every_key_is_classified_for_resume():
                  "checkpoint.signal_check_every"],
         "length": ["train.epochs", "train.iterations"],
         "eval": ["data.val.crop", "data.val.protocol", "data.val.scales", "data.val.flip",
+                 "train.precise_bn",
                  "data.val_samples", "train.eval_every"],
         "ignored": ["checkpoint.resume", "checkpoint.allow_changes"],
     }

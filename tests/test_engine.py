@@ -189,3 +189,23 @@ def test_meter_reads_means_and_extras_in_one_go():
     assert (v["loss"], v["top1"], v["top5"], v["n"], v["skipped"]) == (1.0, 3 / 8, 6 / 8, 8, 1)
     assert v["extra"] == [5.0, 7.0]
     assert len(STATS) == 5
+
+
+def test_precise_bn_is_the_plain_average_of_the_batches_statistics():
+    from resnet_train.distributed import DistInfo
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.1)
+    model = torch.nn.Sequential(conv, bn, torch.nn.ReLU()).eval()
+    bn.running_mean.fill_(7.0)  # stale values, to be replaced
+    weights = [p.clone() for p in model.parameters()]
+    inputs = [torch.randn(8, 3, 10, 10) * (i + 1) + i for i in range(3)]
+    rt = Runtime(torch.device("cpu"), None, False)
+    assert engine.precise_bn(model, iter(inputs), rt, DistInfo()) == 3
+    with torch.no_grad():
+        outs = [conv(x) for x in inputs]
+    means = torch.stack([o.mean((0, 2, 3)) for o in outs]).mean(0)
+    vars_ = torch.stack([o.var((0, 2, 3), unbiased=True) for o in outs]).mean(0)
+    torch.testing.assert_close(bn.running_mean, means)
+    torch.testing.assert_close(bn.running_var, vars_)
+    assert bn.momentum == 0.1 and not model.training  # put back as found
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))

@@ -237,3 +237,40 @@ def test_low_lr_warmup_resumes_exactly_mid_epoch(tmp_path, monkeypatch):
         assert torch.equal(v, b["model"][k]), k
 
 
+
+
+def test_precise_bn_sets_the_saved_and_validated_statistics(tmp_path):
+    """train.precise_bn=K: before the epoch-end validation and save, the BN statistics are
+    recomputed over the epoch's first K training batches (as trained on); the same weights
+    with those statistics give the logged val metrics; the weights are not touched."""
+    from resnet_train import checkpoint as ckpt_io
+    from resnet_train.cli import eval as eval_cli
+    from resnet_train.config import load_config
+    from resnet_train.data import build_data
+    from resnet_train.data.sampling import batch_generator
+    from resnet_train.distributed import DistInfo
+    from resnet_train.engine import precise_bn
+    from resnet_train.runtime import build_model_for, resolve_runtime
+    on, off = str(tmp_path / "on"), str(tmp_path / "off")
+    assert train_cli.main(tiny(on, "train.epochs=1", "train.precise_bn=3")) == 0
+    assert train_cli.main(tiny(off, "train.epochs=1")) == 0
+    a, b = (ckpt_io.load(os.path.join(d, "checkpoints", "last.pt")) for d in (on, off))
+    running = [k for k in a["model"] if "running_" in k]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]
+               if "running_" not in k and "num_batches" not in k)  # same weights
+    assert not all(torch.equal(a["model"][k], b["model"][k]) for k in running)
+    # recompute: epoch 0's first three batches through the saved weights
+    cfg = load_config(None, [], base=a["config"])
+    rt = resolve_runtime(cfg, 0)
+    data = build_data(cfg, rt.device, 0, 1)
+    model = build_model_for(cfg, data.num_classes, rt)
+    model.load_state_dict(b["model"])
+    gen = torch.Generator()
+    inputs = [data.train_prep(x, batch_generator(cfg.run.seed, 0, i, 0, gen))
+              for i, (x, _) in zip(range(3), data.train.batches(0, 0), strict=False)]
+    precise_bn(model, iter(inputs), rt, DistInfo())
+    for k in running:
+        torch.testing.assert_close(model.state_dict()[k], a["model"][k])
+    (rec,) = records(on)
+    got = eval_cli.evaluate_checkpoint(os.path.join(on, "checkpoints", "last.pt"))
+    assert got["loss"] == pytest.approx(rec["val_loss"], rel=1e-5)
