@@ -231,3 +231,60 @@ def test_end_to_end_tiny_run(tmp_path, capsys):
     final = epochs[-1]
     assert row == ["resnet20", "1", str(final["global_step"]),
                    f"{(1 - final['train_top1']) * 100:.2f}", f"{(1 - final['val_top1']) * 100:.2f}"]
+
+
+DEGRADATION_TINY = ["--config", os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "configs", "quickstart.yaml"),
+    "model.width=2", "data.image_size=16", "data.train_samples=64", "data.val_samples=32",
+    "data.batch_size=16", "train.iterations=8", "train.epochs=2", "run.log_every=2",
+    "train.amp=none", "train.channels_last=false", "run.progress=lines",
+    "schedule.name=constant", "train.precise_bn=2"]
+
+
+def test_degradation_study_end_to_end(tmp_path, capsys, monkeypatch):
+    """Two families x two depths on the synthetic data: four runs, the figure (PNG, SVG),
+    its points (CSV, equal to the runs' logged metrics) and the table; a rerun resumes
+    nothing (all complete) and rewrites the same outputs."""
+    out = tmp_path / "study"
+    args = ["degradation", "--out", str(out), "--depths", "8,14", *DEGRADATION_TINY]
+    assert study_cli.main(args) == 0
+    names = sorted(os.listdir(out))
+    assert names == ["degradation.csv", "degradation.png", "degradation.svg", "plain14_s0",
+                     "plain8_s0", "resnet14_s0", "resnet8_s0", "table.json", "table.md"]
+    assert (out / "degradation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(out / "degradation.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for arch in ("plain8", "plain14", "resnet8", "resnet14"):
+        run = str(out / f"{arch}_s0")
+        assert load_config(None, [], base=load_run(run).config).train.precise_bn == 2
+        label = arch.replace("plain", "plain-").replace("resnet", "resnet-")
+        mine = [r for r in rows if r["label"] == label]
+        assert [(int(r["global_step"]), float(r["error"])) for r in mine
+                if r["series"] == "train"] == [
+            (s["global_step"], s["train_error"]) for s in records(run, "step")]
+        assert [float(r["error"]) for r in mine if r["series"] == "val"] == [
+            1 - e["val_top1"] for e in records(run, "epoch")]
+    table = json.loads((out / "table.json").read_text())["groups"]
+    assert [g["label"] for g in table] == ["plain8", "plain14", "resnet8", "resnet14"]
+    before = {a: len(records(str(out / f"{a}_s0"), "epoch")) for a in ("plain8", "resnet14")}
+    capsys.readouterr()
+    assert study_cli.main(args) == 0  # complete runs: nothing trained again
+    assert before == {a: len(records(str(out / f"{a}_s0"), "epoch")) for a in before}
+    # without matplotlib: one line, and the CSV and table still written
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    os.remove(out / "degradation.csv")
+    capsys.readouterr()
+    assert study_cli.main(args + ["--report-only"]) == 0
+    assert 'matplotlib is not installed; pip install "resnet-train[plot]" (the CSV and the ' \
+           'table are still written)' in capsys.readouterr().out
+    assert (out / "degradation.csv").exists()
+
+
+def test_degradation_study_bad_arguments_are_one_line_exit_2(tmp_path, capsys):
+    for bad in (["--depths", "8,x"], ["--families", "plain,vgg"], ["--seeds", "0"]):
+        assert study_cli.main(["degradation", "--out", str(tmp_path / "s"), *bad,
+                               *DEGRADATION_TINY]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and bad[0] in err[0], err

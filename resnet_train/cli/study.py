@@ -1,9 +1,10 @@
-"""resnet-study table RUN_DIRS... [--md OUT.md] [--json OUT.json] [--group-by KEY]"""
+"""resnet-study table RUN_DIRS... | resnet-study degradation --out DIR [key=value ...]"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..errors import UserError
@@ -14,6 +15,11 @@ DESCRIPTION = """Compare finished runs.
   table   final train and val error per experiment, as "best (mean +- std)" over the runs
           that differ only in run.seed (DRL Table 6's form), with DRL's CIFAR-10 numbers
           where the run is one of those networks.
+  degradation
+          DRL's degradation experiment: plain and residual nets at several depths on one
+          recipe (default: configs/cifar10_paper.yaml, depths 20 32 44 56), each an
+          ordinary run under --out (rerun to resume), then the figure of DRL Fig. 6
+          (degradation.png/.svg; .csv of its points) and table.md / table.json.
 
 Exit codes: 0 done, 2 user error (a missing or unreadable run directory), 1 internal error.
 """
@@ -30,7 +36,44 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--group-by", action="append", metavar="KEY",
                    help="config key(s) that define an experiment (repeat, or comma-separate); "
                         "default: model.arch plus every model/data/recipe key that differs")
+    d = sub.add_parser("degradation", help="train plain vs ResNet at several depths; figure")
+    d.add_argument("--out", required=True, metavar="DIR", help="study directory (one run each)")
+    d.add_argument("--config", help="base recipe (default: configs/cifar10_paper.yaml of this "
+                                    "checkout)")
+    d.add_argument("--depths", default="20,32,44,56", help="comma-separated, 6n+2 (default: "
+                                                             "%(default)s)")
+    d.add_argument("--families", default="plain,resnet", help="default: %(default)s")
+    d.add_argument("--seeds", type=int, default=1, help="runs per net, seeds 0..N-1")
+    d.add_argument("--title", default="", help="a first line for the figure (setting, machine)")
+    d.add_argument("--report-only", action="store_true",
+                   help="only redraw the figure and table from the runs there")
+    d.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides for every run (e.g. data.dataset=synthetic)")
     return p
+
+
+def _default_config() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.normpath(os.path.join(here, "..", "..", "configs", "cifar10_paper.yaml"))
+    if not os.path.isfile(path):
+        raise UserError("--config: no configs/cifar10_paper.yaml next to this installation; "
+                        "name the base recipe")
+    return path
+
+
+def degradation(args: argparse.Namespace) -> int:
+    from ..study import degradation as study
+    try:
+        depths = [int(v) for v in args.depths.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--depths {args.depths!r}: expected comma-separated integers") from None
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    planned = study.plan(args.out, args.config or _default_config(), args.overrides, depths,
+                         families, args.seeds)
+    if not args.report_only:
+        study.train_all(planned)
+    study.report(args.out, planned, depths, title=args.title)
+    return 0
 
 
 def _write(path: str, text: str) -> None:
@@ -58,7 +101,8 @@ def table(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return run_main("resnet-study", lambda: table(args))
+    return run_main("resnet-study", lambda: (degradation if args.command == "degradation"
+                                             else table)(args))
 
 
 if __name__ == "__main__":

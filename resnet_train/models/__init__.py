@@ -6,6 +6,7 @@ A new architecture is one entry in `ARCH_SPECS`.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,14 +113,30 @@ OPTIONS = {
 }
 
 
+def _cifar_depth_spec(arch: str) -> ArchSpec | None:
+    """resnet{d} / plain{d} for any CIFAR depth d = 6n+2 the table does not name (e.g. the
+    degradation study's small demo nets: 8, 14, 26); resnet50 stays ImageNet's."""
+    m = re.fullmatch(r"(resnet|plain)(\d+)", str(arch))
+    if m is None or (int(m.group(2)) - 2) % 6 or int(m.group(2)) < 8:
+        return None
+    n = (int(m.group(2)) - 2) // 6
+    if m.group(1) == "plain":
+        return ArchSpec("cifar", _B, (n, n, n), **_PLAIN)
+    return ArchSpec("cifar", _B, (n, n, n), "A")
+
+
 def _spec(arch: str) -> ArchSpec:
     if arch in ARCH_SPECS:
         return ARCH_SPECS[arch]
+    spec = _cifar_depth_spec(arch)
+    if spec is not None:
+        return spec
     # Names are matched exactly (configs, run tables and resume compare the string), but the
     # hint ignores case: RESNET50 -> 'resnet50'.
     close = difflib.get_close_matches(str(arch).lower(), ARCHS, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise UserError(f"unknown arch {arch!r}{hint}; valid: {', '.join(ARCHS)}")
+    raise UserError(f"unknown arch {arch!r}{hint}; valid: {', '.join(ARCHS)}, and "
+                    f"resnet<d> / plain<d> for any CIFAR depth d = 6n+2")
 
 
 def arch_family(arch: str) -> str:
