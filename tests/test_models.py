@@ -722,3 +722,16 @@ def test_one_layer_nets_refuse_other_unit_orders(unit, capsys):
     # the two orders of Table 3 build, from either name
     assert build_model("resnet110_1layer", 10, unit="full_preact", width=4) is not None
     assert build_model("preact_resnet110_1layer", 10, unit="full_preact", width=4) is not None
+
+
+def test_cifar_depths_outside_the_table_are_built_on_the_fly():
+    from resnet_train.errors import UserError
+    from resnet_train.models import arch_family
+    for arch, units in (("plain8", 3), ("resnet14", 6), ("resnet26", 12)):
+        m = build_model(arch, 10, width=2)
+        blocks = [b for b in m.modules() if isinstance(b, BasicBlock)]
+        assert len(blocks) == units and arch_family(arch) == "cifar"
+        assert all(b.residual == arch.startswith("resnet") for b in blocks)
+    assert arch_family("resnet50") == "imagenet"  # the table wins
+    with pytest.raises(UserError, match="6n\\+2"):
+        build_model("resnet9", 10)
