@@ -88,6 +88,9 @@ class RunConfig:
     log_every: int = opt(50, "steps between log points: per-iteration train loss/error and lr "
                              "(metrics.jsonl, TensorBoard iter/*) and progress values",
                          resume="safe", min=1)
+    diagnostics_every: int = opt(
+        0, "every N steps: per-stage gradient norms, per-block ||F(x)||/||x|| and BN gamma "
+        "histograms to TensorBoard diag/* (0 = off, no cost)", resume="safe", min=0)
     progress: Literal["auto", "bar", "lines", "none"] = opt(
         "auto", "console progress: tqdm bar on a TTY, plain lines otherwise (auto)", resume="safe")
 

@@ -115,6 +115,26 @@ class _BufferGuard:
             torch._foreach_copy_(bufs, views)
 
 
+def stage_groups(model: nn.Module) -> dict[str, list[torch.Tensor]]:
+    """Parameters by stage: "stem" (conv1, bn1), layer1..layer4, "fc", by top-level name."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        top = name.split(".")[0]
+        groups.setdefault("stem" if top in ("conv1", "bn1") else top, []).append(p)
+    return groups
+
+
+def grad_norms(groups: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The L2 norm of each group's gradients (device scalars; no host read)."""
+    out = {}
+    for name, params in groups.items():
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            out[name] = torch.linalg.vector_norm(torch.stack(
+                [g.float() for g in torch._foreach_norm(grads)]))
+    return out
+
+
 class TrainStep:
     """One optimizer step over ``accum_steps`` micro-batches; returns ``STATS`` on the device.
 
@@ -137,11 +157,18 @@ class TrainStep:
         self.bad_run = torch.zeros((), dtype=torch.float64, device=device)
         self.peak_bad_run = torch.zeros((), dtype=torch.float64, device=device)
         self._batch_n: dict[int, torch.Tensor] = {}  # batch size -> device scalar, made once
+        # Diagnostics: the trainer sets grad_groups (stage -> parameters) and, for the steps it
+        # logs, want_grad_norms; the norms are then kept as device scalars before zero_grad.
+        self.grad_groups: dict[str, list[torch.Tensor]] = {}
+        self.want_grad_norms = False
+        self.grad_norms: dict[str, torch.Tensor] = {}
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.guard.save()
         loss_sum, correct1, correct5 = self._forward_backward(x, y)
         good = self._guarded_update(loss_sum)
+        if self.want_grad_norms:
+            self.grad_norms = grad_norms(self.grad_groups)
         self.optimizer.zero_grad(set_to_none=True)
         self.guard.keep_if(good)
         bad = (~good).double()

@@ -59,6 +59,12 @@ class RunLogger:
             if v is not None and math.isfinite(v):
                 self.tb.add_scalar(k, v, step)
 
+    def histograms(self, values: dict, step: int) -> None:
+        if self.tb is None:
+            return
+        for k, v in values.items():
+            self.tb.add_histogram(k, v.detach().float().cpu(), step)
+
     def record(self, rec: dict) -> None:
         """Append one JSON object to metrics.jsonl."""
         if not self.enabled:

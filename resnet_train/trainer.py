@@ -25,7 +25,7 @@ from .config import Config, dump, resume_changes, resume_notice, resume_refusal,
 from .data import final_val_config
 from .data.sampling import batch_generator
 from .engine import (SCALER_CALIBRATION, Meter, Timer, TrainStep, evaluate, precise_bn,
-                     scorer_for)
+                     scorer_for, stage_groups)
 from .errors import ConfigError, EnvironmentFailure, ResnetTrainError, UserError
 from .logging import Progress, RunLogger, say
 from .runtime import AMP_NAMES, build_model_for, device_kind, resolve_runtime
@@ -263,6 +263,8 @@ class Trainer:
             self.model, optimizer, scaler, runtime, cfg.train.accum_steps,
             cfg.train.label_smoothing, probe=list(self.model.parameters())[-1],
             buffers=list(self.model.buffers()), distributed=info.enabled)
+        if cfg.run.diagnostics_every:
+            self.train_step.grad_groups = stage_groups(self.model)
         self.epoch_meter, self.window_meter = Meter(runtime.device), Meter(runtime.device)
         self.timer = Timer()
         self.state = ckpt_io.TrainState(
@@ -300,6 +302,7 @@ class Trainer:
     def _loop(self) -> int:
         cfg, st, info, device = self.cfg, self.state, self.info, self.runtime.device
         spe, every = self.steps_per_epoch, cfg.checkpoint.every_steps
+        diag = cfg.run.diagnostics_every  # 0: TrainStep never computes gradient norms
         if st.epoch_end_pending and self._end_epoch():
             return self._preempted()
         gen = torch.Generator(device=device)  # one per run, reseeded for each step
@@ -316,6 +319,7 @@ class Trainer:
             x = self.data.train_prep(x.to(device, non_blocking=True),
                                      batch_generator(cfg.run.seed, epoch, step, 0, gen))
             lr = self.schedule.apply(st.step)
+            self.train_step.want_grad_norms = diag > 0 and (st.step + 1) % diag == 0
             stats = self.train_step(self.runtime.layout(x), y.to(device, non_blocking=True))
             self.epoch_meter.add(stats)
             self.window_meter.add(stats)
@@ -324,8 +328,7 @@ class Trainer:
             self.timer.steps += 1
             self.timer.images += x.shape[0] * info.world
             self.progress.tick(step + 1)
-            if st.step % cfg.run.log_every == 0:
-                self._log_step(lr)
+            self._log_points(lr)
             self.timer.data_wait += t1 - t0
             self.timer.wall += time.perf_counter() - t0
             saved = False
@@ -345,6 +348,13 @@ class Trainer:
             say(f"done: best val top-1 {st.best_top1:.4f} at epoch {st.best_epoch}; "
                 f"checkpoints in {self.ckpt_dir}")
         return 0
+
+    def _log_points(self, lr: float) -> None:
+        step, diag = self.state.step, self.cfg.run.diagnostics_every
+        if step % self.cfg.run.log_every == 0:
+            self._log_step(lr)
+        if diag and step % diag == 0 and self.info.is_main:
+            self._log_diagnostics(step)
 
     def _reduce(self, values: list[float]) -> list[float]:
         return dist_utils.all_reduce_sum(values, self.runtime.device, self.info)
@@ -521,19 +531,41 @@ class Trainer:
             f"{1e3 * rec['step_seconds']:.0f} ms/step, data wait "
             f"{100 * rec['data_wait_frac']:.0f}%{mem}, {rec['epoch_seconds']:.1f}s")
 
-    def _log_block_norms(self, step: int) -> None:
+    def _log_block_norms(self, step: int, prefix: str = "block_norms/") -> None:
+        """||F(x)|| / ||x|| per block on the first validation batch (eval mode, which
+        leaves every buffer alone); the model's mode is put back."""
         from .models import collect_block_norms, set_report_norms
-        x, _ = next(iter(self.data.val.batches(0, 0)))
+        batches = self.data.val.batches(0, 0)
+        x, _ = next(iter(batches))
+        _close(batches)
         if x.dim() == 5:  # a ten-crop batch: its first view of each image
             x = x[:, 0]
         x = self.runtime.layout(self.data.val_prep(x.to(self.runtime.device)))
+        was_training = self.model.training
         set_report_norms(self.model, True)
         with torch.inference_mode():
             self.model.eval()(x)
-        ratios = {f"block_norms/{name}": fx / max(xn, 1e-12)
+        self.model.train(was_training)
+        ratios = {f"{prefix}{name}": fx / max(xn, 1e-12)
                   for name, (fx, xn) in collect_block_norms(self.model).items()}
         set_report_norms(self.model, False)  # (also forgets the values: collect first)
         self.logger.scalars(ratios, step)
+
+    def _log_diagnostics(self, step: int) -> None:
+        """run.diagnostics_every (rank 0): the step's gradient norm per stage (computed in
+        TrainStep before zero_grad, all-reduced already under DDP), block norms, and BN
+        gamma histograms per stage, to TensorBoard diag/*."""
+        norms = self.train_step.grad_norms
+        self.logger.scalars({f"diag/grad_norm/{k}": float(v) for k, v in norms.items()}, step)
+        self._log_block_norms(step, prefix="diag/block_norms/")
+        gammas: dict[str, list[torch.Tensor]] = {}
+        for name, m in self.model.named_modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+                top = name.split(".")[0]
+                gammas.setdefault("stem" if top == "bn1" else top, []).append(m.weight)
+        self.logger.histograms({f"diag/bn_gamma/{k}": torch.cat([g.detach().flatten()
+                                                                 for g in v])
+                                for k, v in gammas.items()}, step)
 
     # -- stopping and checkpoints ------------------------------------------------------------
 

@@ -209,3 +209,30 @@ def test_precise_bn_is_the_plain_average_of_the_batches_statistics():
     torch.testing.assert_close(bn.running_var, vars_)
     assert bn.momentum == 0.1 and not model.training  # put back as found
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+
+
+def test_grad_norms_per_stage_are_the_steps_gradients():
+    """With want_grad_norms the step keeps each group's gradient norm (before zero_grad);
+    off, it computes nothing."""
+    model, opt, step, _ = _tiny_step(bn=True)
+    groups = engine.stage_groups(model)
+    assert sorted(groups) == ["0", "1", "3"]  # top-level names of the Sequential
+    step.grad_groups = groups
+    x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    import copy
+    twin = copy.deepcopy(model)
+    torch.nn.functional.cross_entropy(twin(x), y).backward()
+    expect = {k: torch.linalg.vector_norm(torch.cat(
+        [p.grad.flatten() for n, p in twin.named_parameters() if n.split(".")[0] == k]))
+        for k in groups}
+    step(x, y)
+    assert step.grad_norms == {}  # not asked: nothing computed
+    model.load_state_dict(twin.state_dict())  # back to the twin's weights and statistics
+    step.want_grad_norms = True
+    opt.state.clear()
+    for p in model.parameters():
+        opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    step(x, y)
+    assert set(step.grad_norms) == set(groups)
+    for k, v in expect.items():
+        torch.testing.assert_close(step.grad_norms[k], v)

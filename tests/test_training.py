@@ -274,3 +274,27 @@ def test_precise_bn_sets_the_saved_and_validated_statistics(tmp_path):
     (rec,) = records(on)
     got = eval_cli.evaluate_checkpoint(os.path.join(on, "checkpoints", "last.pt"))
     assert got["loss"] == pytest.approx(rec["val_loss"], rel=1e-5)
+
+
+def test_diagnostics_log_to_tensorboard_and_leave_training_alone(tmp_path):
+    """run.diagnostics_every=N: diag/grad_norm/<stage>, diag/block_norms/<block> scalars and
+    diag/bn_gamma/<stage> histograms every N steps; the weights end exactly as without."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from resnet_train import checkpoint as ckpt_io
+    on, off = str(tmp_path / "on"), str(tmp_path / "off")
+    common = ("train.epochs=1", "run.deterministic=true")
+    assert train_cli.main(tiny(on, *common, "run.diagnostics_every=3")) == 0
+    assert train_cli.main(tiny(off, *common)) == 0
+    a, b = (ckpt_io.load(os.path.join(d, "checkpoints", "last.pt"))["model"] for d in (on, off))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ev = EventAccumulator(os.path.join(on, "tb"), size_guidance={"scalars": 0,
+                                                                  "histograms": 0}).Reload()
+    tags = ev.Tags()
+    for stage in ("stem", "layer1", "layer2", "layer3", "fc"):
+        assert f"diag/grad_norm/{stage}" in tags["scalars"]
+    assert [e.step for e in ev.Scalars("diag/grad_norm/layer1")] == [3, 6]  # 8 steps
+    assert all(e.value > 0 for e in ev.Scalars("diag/grad_norm/fc"))
+    assert "diag/block_norms/layer1.0" in tags["scalars"]
+    assert {"diag/bn_gamma/stem", "diag/bn_gamma/layer3"} <= set(tags["histograms"])
+    off_tags = EventAccumulator(os.path.join(off, "tb")).Reload().Tags()
+    assert not any(t.startswith("diag/") for t in off_tags["scalars"] + off_tags["histograms"])
