@@ -186,6 +186,6 @@ EXPERIMENTS: list[Experiment] = (_drl_imagenet() + _drl_cifar() + _im_table1()
 NOT_COVERED = [
     "DRL Table 5 (an ensemble of six models on the ImageNet test server)",
     "DRL Tables 7-14 (PASCAL VOC / MS COCO detection, ImageNet localization: Faster R-CNN)",
-    "DRL Fig. 7 (layer response std) and IM's unit-response analysis: resnet-analyze, not "
-    "built yet",
+    "DRL Fig. 7 (layer response std) is an analysis of trained nets, not a run: "
+    "resnet-analyze on the Table 6 / Fig. 6 checkpoints",
 ]
