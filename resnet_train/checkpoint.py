@@ -255,13 +255,10 @@ class TrainState:
         tensors = self._local_sums()
         if not self.info.enabled or not tensors:
             return
-        import torch.distributed as dist
-        flat = torch.cat([t.reshape(-1).double() for t in tensors])
-        dist.all_reduce(flat)
+        from .distributed import all_reduce_tensors
+        all_reduce_tensors(tensors, self.info)
         if not self.info.is_main:
-            flat.zero_()
-        parts = flat.split([t.numel() for t in tensors])
-        torch._foreach_copy_(tensors, [v.view_as(t) for v, t in zip(parts, tensors, strict=True)])
+            torch._foreach_zero_(tensors)
 
     def state_dict(self) -> dict:
         """The checkpoint (call ``gather_sums()`` on every rank first under DDP)."""

@@ -120,6 +120,16 @@ def min_over_ranks(value: int, device: torch.device, info: DistInfo) -> int:
     return int(t.item())
 
 
+def all_reduce_tensors(tensors: list[torch.Tensor], info: DistInfo) -> None:
+    """Sum ``tensors`` in place over ranks: one collective over a float64 flat copy."""
+    if not info.enabled or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).double() for t in tensors])
+    dist.all_reduce(flat)
+    parts = flat.split([t.numel() for t in tensors])
+    torch._foreach_copy_(tensors, [v.view_as(t) for v, t in zip(parts, tensors, strict=True)])
+
+
 def broadcast_tensors(tensors: list[torch.Tensor], info: DistInfo) -> None:
     """Overwrite ``tensors`` in place with rank 0's values."""
     if info.enabled:

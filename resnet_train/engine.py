@@ -303,14 +303,10 @@ def precise_bn(model: nn.Module, inputs, runtime: Runtime, info: dist_utils.Dist
         for b, m in zip(bns, momenta, strict=True):
             b.momentum = m
         model.train(was_training)
-    if info.enabled:
-        import torch.distributed as dist
+    if info.enabled:  # the mean over ranks
         stats = [t for b in bns for t in (b.running_mean, b.running_var)]
-        flat = torch.cat([t.reshape(-1) for t in stats])
-        dist.all_reduce(flat)
-        flat /= info.world
-        torch._foreach_copy_(stats, [v.view_as(t) for v, t in zip(
-            flat.split([t.numel() for t in stats]), stats, strict=True)])
+        dist_utils.all_reduce_tensors(stats, info)
+        torch._foreach_div_(stats, info.world)
     return n
 
 

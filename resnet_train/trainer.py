@@ -412,7 +412,8 @@ class Trainer:
             val = self._validate()
             if st.step >= st.total_steps and val is not None and self.data.final is not None:
                 final = self._validate(final=True)
-                val = val if final is not None else None
+                if final is None:  # stopped by a signal: the pending epoch end redoes both
+                    val = None
             if val is None:
                 self._save(("last.pt",))
                 return True
@@ -556,16 +557,16 @@ class Trainer:
         TrainStep before zero_grad, all-reduced already under DDP), block norms, and BN
         gamma histograms per stage, to TensorBoard diag/*."""
         norms = self.train_step.grad_norms
-        self.logger.scalars({f"diag/grad_norm/{k}": float(v) for k, v in norms.items()}, step)
+        values = torch.stack(list(norms.values())).tolist() if norms else []  # one read
+        self.logger.scalars({f"diag/grad_norm/{k}": v for k, v in zip(norms, values,
+                                                                      strict=True)}, step)
         self._log_block_norms(step, prefix="diag/block_norms/")
-        gammas: dict[str, list[torch.Tensor]] = {}
-        for name, m in self.model.named_modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None:
-                top = name.split(".")[0]
-                gammas.setdefault("stem" if top == "bn1" else top, []).append(m.weight)
-        self.logger.histograms({f"diag/bn_gamma/{k}": torch.cat([g.detach().flatten()
-                                                                 for g in v])
-                                for k, v in gammas.items()}, step)
+        gammas = {id(m.weight) for m in self.model.modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None}
+        self.logger.histograms({f"diag/bn_gamma/{stage}": torch.cat(
+            [p.detach().flatten() for p in params if id(p) in gammas])
+            for stage, params in self.train_step.grad_groups.items()
+            if any(id(p) in gammas for p in params)}, step)
 
     # -- stopping and checkpoints ------------------------------------------------------------
 

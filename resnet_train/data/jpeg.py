@@ -99,7 +99,7 @@ def load_crop(path: str, choose, draft: bool = False) -> np.ndarray:
         if precision != 8:
             raise ValueError(f"unsupported JPEG data precision {precision}")
         crop = Crop(*choose(sof[0], sof[1]))  # choose once: it draws from the RNG
-        box, size = crop[0], crop[1]
+        box, size = crop.box, crop.size
         if not draft or min((box[2] - box[0]) / size[0], (box[3] - box[1]) / size[1]) < 2:
             try:
                 return _torch_crop(data, sof, crop)

@@ -101,14 +101,8 @@ def analyze(model: nn.Module, batches, images: int) -> dict:
 def draw(path: str, results: dict[str, dict]) -> None:
     """DRL Fig. 7: response std by layer index (top) and sorted by magnitude (bottom), one
     line per checkpoint."""
-    from .plot import INSTALL_HINT, MatplotlibMissing
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise MatplotlibMissing(INSTALL_HINT) from None
-    fig = Figure(figsize=(8, 6), dpi=100)
-    FigureCanvasAgg(fig)
+    from .plot import new_figure, save_figure
+    fig = new_figure((8, 6))
     top, bottom = fig.subplots(2, 1)
     for label, r in results.items():
         stds = [layer["std"] for layer in r["layers"]]
@@ -120,11 +114,7 @@ def draw(path: str, results: dict[str, dict]) -> None:
         ax.set_ylabel("std")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        fig.savefig(path)
-    except OSError as e:
-        raise UserError(f"{path}: cannot write the figure: {e.strerror or e}") from None
+    save_figure(fig, path)
 
 
 def write_json(path: str, results: dict[str, dict]) -> None:

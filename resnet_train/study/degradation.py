@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import UserError
-from .plot import INSTALL_HINT, MatplotlibMissing, Series, run_series, write_csv
+from .plot import MatplotlibMissing, Series, new_figure, run_series, save_figure, write_csv
 from .runs import load_run
 from .table import markdown, summarize
 
@@ -88,13 +88,7 @@ def series(planned: list[Planned]) -> list[Series]:
 def draw(path: str, curves: list[Series], depths, title: str = "") -> None:
     """DRL Fig. 6: plain nets left, ResNets right; thin training error, bold test error
     against iterations, one colour per depth, linear axes."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise MatplotlibMissing(INSTALL_HINT) from None
-    fig = Figure(figsize=(11, 4.2), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = new_figure((11, 4.2))
     axes = fig.subplots(1, 2, sharey=True)
     colour = {d: f"C{i % 10}" for i, d in enumerate(depths)}
     for ax, family in zip(axes, FAMILIES, strict=True):
@@ -103,9 +97,10 @@ def draw(path: str, curves: list[Series], depths, title: str = "") -> None:
             fam, depth = s.label.split("-")
             if fam != family:
                 continue
-            bold = s.kind == "val"
-            label = f"{fam}-{depth}" if bold and s.label not in seen else None
-            seen.add(s.label) if bold else None
+            bold = s.kind == "val"  # one legend entry per depth: its first test curve
+            label = s.label if bold and s.label not in seen else None
+            if bold:
+                seen.add(s.label)
             ax.plot(s.steps, [100 * v for v in s.values], color=colour[int(depth)],
                     lw=2.0 if bold else 0.7, alpha=1.0 if bold else 0.6, label=label)
         ax.set_title("plain networks" if family == "plain" else "ResNets", fontsize=11)
@@ -116,11 +111,7 @@ def draw(path: str, curves: list[Series], depths, title: str = "") -> None:
     axes[0].set_ylabel("error (%)")
     fig.suptitle((title + "\n" if title else "") + "thin: training error, bold: test error",
                  fontsize=10)
-    fig.tight_layout()
-    try:
-        fig.savefig(path)
-    except OSError as e:
-        raise UserError(f"{path}: cannot write the figure: {e.strerror or e}") from None
+    save_figure(fig, path)
 
 
 def report(out: str, planned: list[Planned], depths, say=print, title: str = "") -> dict:

@@ -107,13 +107,7 @@ def check_out(path: str) -> None:
 
 def draw(path: str, series: list[Series], x: str, y: str) -> None:
     """Draw the curves into ``path`` (PNG or SVG by its extension) with the Agg canvas."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise MatplotlibMissing(INSTALL_HINT) from None
-    fig = Figure(figsize=(8, 5), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = new_figure((8, 5))
     ax = fig.add_subplot()
     colours: dict[str, str] = {}
     scale = 100.0 if y == "error" else 1.0
@@ -128,6 +122,24 @@ def draw(path: str, series: list[Series], x: str, y: str) -> None:
     ax.set_title(f"thin: training {y}, bold: validation {y}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
+    save_figure(fig, path)
+
+
+def new_figure(size: tuple[float, float]):
+    """A matplotlib Figure on the Agg canvas (no display needed); MatplotlibMissing (exit 2,
+    the install hint) without the plot extra."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MatplotlibMissing(INSTALL_HINT) from None
+    fig = Figure(figsize=size, dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig, path: str) -> None:
+    """Lay out and write ``fig`` (PNG or SVG by the extension); a failed write is exit 2."""
     fig.tight_layout()
     try:
         fig.savefig(path)
