@@ -21,7 +21,10 @@ def torchrun(nproc, module, *args, timeout=300):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", f"resnet_train.cli.{module}", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    # every 2-rank run is also a sample of a clean exit (no abort in the DDP teardown)
+    assert "terminate called" not in r.stderr, r.stderr[-2000:]
+    return r
 
 
 def params(path):
@@ -176,12 +179,15 @@ def _read_until(proc, text, lines):
 NO_SHARED_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
-@pytest.mark.parametrize("restarts,env", [(0, {}), (1, NO_SHARED_STORE), (1, {})],
-                         ids=["no-restart", "restart", "restart-shared-store"])
+# (--max-restarts with the shared store disabled, after a kill -9, resumes as after the
+# preemption exit of test_a_preempted_worker_is_restarted_by_torchrun_with_max_restarts:
+# that case is left to it, for the suite's time budget)
+@pytest.mark.parametrize("restarts,env", [(0, {}), (1, {})],
+                         ids=["no-restart", "restart-shared-store"])
 def test_a_dead_rank_never_hangs_the_others(tmp_path, restarts, env):
     """kill -9 of rank 1: without restarts torchrun stops rank 0 and exits non-zero promptly;
-    with --max-restarts 1 the new workers resume from last.pt and finish the run, or, with
-    torchrun's default shared store (which can't re-form a group), say what to set."""
+    with --max-restarts 1 and torchrun's default shared store (which can't re-form a group)
+    the run says what to set."""
     import signal as sig
     import time
     run_dir = str(tmp_path / "dies")
@@ -197,12 +203,6 @@ def test_a_dead_rank_never_hangs_the_others(tmp_path, restarts, env):
     elapsed = time.time() - t0
     out = "".join(lines) + out
     ckpt = torch.load(os.path.join(run_dir, "checkpoints", "last.pt"), weights_only=True)
-    if restarts and env:
-        assert proc.returncode == 0, out[-2000:] + err[-3000:]
-        assert "resuming from" in out and out.count("done: best val top-1") == 1
-        assert (ckpt["epoch"], ckpt["global_step"]) == (2, 16)
-        assert [r["epoch"] for r in records(run_dir)] == [0, 1]
-        return
     assert proc.returncode != 0
     assert elapsed < 90, elapsed  # torchrun's agent tore the group down; nobody waited
     # every_steps=2: the last completed save before the kill is still there and loadable
@@ -284,14 +284,14 @@ def test_a_failed_write_on_rank_0_stops_every_rank_with_exit_4(tmp_path):
 def test_consecutive_runs_exit_cleanly(tmp_path):
     """A finished 2-rank run must not abort at exit ('terminate called without an active
     exception'): the DDP reducer and loaders are released before the group is destroyed.
-    Two runs here (each is three processes importing torch; the suite's time budget);
+    One run here through the script (every torchrun() run of this module checks the same);
     scripts/ddp_exit_check.py runs twenty (20/20 measured)."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     try:
         import ddp_exit_check
     finally:
         sys.path.pop(0)
-    for i in range(2):
+    for i in range(1):
         r = ddp_exit_check.run_once(str(tmp_path / f"r{i}"))
         assert r.returncode == 0 and "terminate called" not in r.stderr, r.stderr[-2000:]
         assert "done: best val top-1" in r.stdout
