@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -122,6 +123,19 @@ class ModelConfig:
                                resume="state", min=1)
     log_block_norms: bool = opt(False, "log ||F(x)||/||x|| per residual block to TensorBoard",
                                 resume="safe")
+    # Fine-tuning. A run from weights is a new run (position, optimizer and schedule start
+    # fresh); on resume the checkpoint's weights win, but the record must keep saying where
+    # the run started from, hence "state".
+    weights: str | None = opt(
+        None, "initialise from a state-dict file, a resnet-train checkpoint or torchvision:NAME "
+        "(e.g. torchvision:IMAGENET1K_V2); a head of another class count is replaced",
+        resume="state")
+    weights_from: Literal["native", "akamaster"] = opt(
+        "native", "layout of model.weights: native (ours = torchvision's key names) or akamaster "
+        "(akamaster/pytorch_resnet_cifar10 checkpoints, converted exactly)", resume="state")
+    freeze: list[str] = opt(
+        [], "modules not trained, e.g. [conv1, bn1, layer1]; their BatchNorm statistics are "
+        "frozen too", resume="state")
 
 
 @dataclass(frozen=True)
@@ -187,8 +201,12 @@ class DataConfig:
         resume="state")
     holdout_size: int = opt(5000, "CIFAR holdout: images held out of train", resume="state",
                             min=1)
-    holdout_seed: int = opt(0, "CIFAR holdout: seed of the split (fixed across runs)",
-                            resume="state")
+    holdout_seed: int = opt(0, "seed of the CIFAR holdout and of data.val_fraction's split "
+                            "(fixed across runs)", resume="state")
+    val_fraction: float = opt(
+        0.0, "folder datasets: hold out this fraction of each train/ class as the validation "
+        "split (stratified, seeded by data.holdout_seed; val/ is then not read)",
+        resume="state", min=0, max=1, max_open=True)
     cifar100_labels: Literal["fine", "coarse"] = opt(
         "fine", "CIFAR-100: the 100 fine labels or the 20 coarse superclasses", resume="state")
     download: bool = opt(False, "CIFAR: download and verify the archive if missing",
@@ -229,6 +247,9 @@ class OptimConfig:
     nesterov: bool = opt(False, "Nesterov momentum", resume="state")
     no_decay_bn_bias: bool = opt(False, "no weight decay on BN parameters and biases",
                                  resume="state")
+    backbone_lr_scale: float = opt(
+        1.0, "lr factor for every parameter outside the classifier head fc (fine-tuning: e.g. "
+        "0.1 for pre-trained layers)", resume="state", min=0)
     lr_scaling: Literal["none", "linear"] = opt("none", "linear: lr x global_batch / 256",
                                                 resume="state")
 
@@ -538,14 +559,56 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
+PACKAGED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def packaged_configs() -> list[tuple[str, str]]:
+    """(file name, one-line description) of every config shipped in the package."""
+    out = []
+    for name in sorted(os.listdir(PACKAGED_DIR)):
+        if name.endswith(".yaml"):
+            out.append((name, _description(os.path.join(PACKAGED_DIR, name))))
+    return out
+
+
+def _description(path: str) -> str:
+    """The first sentence of a config's leading comment block."""
+    lines = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.startswith("#"):
+                break
+            lines.append(line.lstrip("#").strip())
+    text = " ".join(lines)
+    # A sentence ends at ". " but not after "al." (He et al. 2015), "e.g.", "Sec.", "Fig." ...
+    end = re.search(r"(?<!\bal)(?<!e\.g)(?<!i\.e)(?<!Sec)(?<!Fig)(?<!Eq)(?<!\bvs)\.(\s|$)", text)
+    text = text[:end.start() + 1] if end else text
+    return text if len(text) <= 110 else text[:text.rfind(" ", 0, 106)] + " ..."
+
+
+def resolve_config_path(path: str, _from_base: bool = False) -> str:
+    """``path`` itself when that file exists; else, for a bare name (no directory part, the
+    .yaml optional), the packaged config of that name: a user who installed the package
+    without the repository can still run ``--config imagenet_r50.yaml``."""
+    if os.path.isfile(path):
+        return os.path.abspath(path)
+    name = os.path.basename(path)
+    if os.path.dirname(path) in ("", "configs") or _from_base:
+        for candidate in (name, name + ".yaml"):
+            packaged = os.path.join(PACKAGED_DIR, candidate)
+            if os.path.isfile(packaged):
+                return packaged
+    what = "base config file" if _from_base else "config file"
+    raise ConfigError(f"{what} not found: {os.path.abspath(path)} (resnet-train --list-configs "
+                      f"lists the packaged ones)")
+
+
 def read_yaml(path: str, _chain: tuple[str, ...] = ()) -> dict:
-    """Read a config file, resolving ``base:`` (relative to the file) recursively."""
-    path = os.path.abspath(path)
+    """Read a config file, resolving ``base:`` (relative to the file, else a packaged config
+    of that name) recursively."""
+    path = resolve_config_path(path, bool(_chain))
     if path in _chain:
         raise ConfigError(f"{path}: 'base' inheritance loops back to this file")
-    if not os.path.isfile(path):
-        what = "base config file" if _chain else "config file"
-        raise ConfigError(f"{what} not found: {path}")
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
@@ -616,11 +679,13 @@ def _accepts_plain_str(tp) -> bool:
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
-                data: dict | None = None, base: dict | None = None) -> Config:
+                data: dict | None = None, base: dict | None = None,
+                paths: bool = True) -> Config:
     """Load, merge, override and validate a config; raise ConfigError on any problem.
 
     Precedence, lowest first: schema defaults, ``base`` (e.g. a checkpoint's stored config),
-    the file at ``path``, ``data``, then the ``key=value`` overrides.
+    the file at ``path``, ``data``, then the ``key=value`` overrides. ``paths=False`` skips
+    the check that the dataset exists (--print-config).
     """
     values: dict = dict(base or {})
     if path is not None:
@@ -630,7 +695,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     for text in overrides:
         values = _apply_override(values, text)
     cfg = _build(Config, values)
-    validate(cfg)
+    validate(cfg, paths)
     return cfg
 
 
@@ -683,8 +748,24 @@ def _check_ranges(obj, prefix: str = "") -> None:
                 raise ConfigError(f"{key}: must be {op} {hi}, got {v}")
 
 
-def validate(cfg: Config) -> None:
-    """Range and cross-key checks; raise ConfigError naming the key."""
+def check_paths(cfg: Config) -> None:
+    """The dataset's files exist (a run or an evaluation needs them; reading the recipe with
+    --print-config does not)."""
+    d = cfg.data
+    if d.dataset in ("cifar10", "cifar100", "imagenet", "folder") and not d.root:
+        raise ConfigError(f"data.root: required for data.dataset={d.dataset}")
+    if d.dataset in ("imagenet", "folder") and d.root and not os.path.isdir(d.root):
+        raise ConfigError(f"data.root: directory not found: {d.root}")
+    if d.dataset in ("cifar10", "cifar100") and d.root and not d.download \
+            and not os.path.isdir(d.root):
+        raise ConfigError(f"data.root: directory not found: {d.root} (set data.download=true)")
+
+
+def validate(cfg: Config, paths: bool = True) -> None:
+    """Range and cross-key checks (and, with ``paths``, check_paths); raise ConfigError
+    naming the key."""
+    if paths:
+        check_paths(cfg)
     _check_ranges(cfg)
     d, t = cfg.data, cfg.data.train
     if len(t.scale) != 2 or t.scale[0] > t.scale[1] or t.scale[0] < 1:
@@ -704,13 +785,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: expected 3 values (RGB), got {v}")
     if d.std is not None and any(s <= 0 for s in d.std):
         raise ConfigError(f"data.std: every value must be > 0, got {d.std}")
-    if d.dataset in ("cifar10", "cifar100", "imagenet", "folder") and not d.root:
-        raise ConfigError(f"data.root: required for data.dataset={d.dataset}")
-    if d.dataset in ("imagenet", "folder") and d.root and not os.path.isdir(d.root):
-        raise ConfigError(f"data.root: directory not found: {d.root}")
-    if d.dataset in ("cifar10", "cifar100") and d.root and not d.download \
-            and not os.path.isdir(d.root):
-        raise ConfigError(f"data.root: directory not found: {d.root} (set data.download=true)")
     if cfg.optim.nesterov and cfg.optim.momentum == 0:
         raise ConfigError("optim.nesterov: Nesterov momentum needs optim.momentum > 0")
     s = cfg.schedule

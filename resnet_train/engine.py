@@ -285,7 +285,7 @@ def precise_bn(model: nn.Module, inputs, runtime: Runtime, info: dist_utils.Dist
     "Rethinking BatchNorm"), averaged over ranks. Train-mode forwards without gradients: the
     weights and the optimizer are untouched. Returns the number of batches used."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-           and m.track_running_stats]
+           and m.track_running_stats and not getattr(m, "frozen", False)]  # model.freeze
     if not bns:
         return 0
     momenta = [b.momentum for b in bns]

@@ -28,19 +28,33 @@ from .errors import CheckpointError
 REFERENCE_BATCH = 256
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay_bn_bias: bool) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, no_decay_bn_bias: bool,
+                 backbone_lr_scale: float = 1.0) -> list[dict]:
     """Trainable parameters in optimizer groups; with no_decay_bn_bias, ndim <= 1 gets no decay.
 
     Parameters of ndim <= 1 are exactly the BN gammas/betas and the biases; decaying them only
     shrinks the scale of normalised layers, which is why large-batch recipes exempt them.
+    With ``backbone_lr_scale`` != 1 everything outside the head ``fc`` is in groups of their
+    own whose ``lr_scale`` LRSchedule.apply multiplies in (fine-tuning: pre-trained layers
+    move slower than the new head). The head's groups come first, so param_groups[0]["lr"] is
+    the schedule's lr, the one the logs report.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not no_decay_bn_bias:
-        return [{"params": params, "weight_decay": weight_decay}]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if backbone_lr_scale == 1.0:
+        parts = [(1.0, [p for _, p in named])]
+    else:
+        parts = [(1.0, [p for n, p in named if n.split(".")[0] == "fc"]),
+                 (backbone_lr_scale, [p for n, p in named if n.split(".")[0] != "fc"])]
+    groups = []
+    for scale, params in parts:
+        extra = {} if backbone_lr_scale == 1.0 else {"lr_scale": scale}
+        if not no_decay_bn_bias:
+            groups.append({"params": params, "weight_decay": weight_decay, **extra})
+            continue
+        groups.append({"params": [p for p in params if p.ndim > 1],
+                       "weight_decay": weight_decay, **extra})
+        groups.append({"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0,
+                       **extra})
     return [g for g in groups if g["params"]]
 
 
@@ -60,7 +74,7 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
     0.9 x 0 + g is exactly SGD's first-step buffer g, so the trajectory is unchanged.
     """
     o = cfg.optim  # config validation already refused nesterov without momentum
-    groups = param_groups(model, o.weight_decay, o.no_decay_bn_bias)
+    groups = param_groups(model, o.weight_decay, o.no_decay_bn_bias, o.backbone_lr_scale)
     optimizer = torch.optim.SGD(groups, lr=base_lr(cfg), momentum=o.momentum,
                                 nesterov=o.nesterov, weight_decay=o.weight_decay, fused=True)
     if o.momentum:
@@ -80,7 +94,11 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """
     configured = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
                   for g in optimizer.param_groups]
-    optimizer.load_state_dict(state)
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError as e:  # e.g. optim.backbone_lr_scale allowed to change from 1.0
+        raise CheckpointError(f"the saved optimizer state does not fit this config's parameter "
+                              f"groups ({e}); resume with the old grouping") from None
     for group, keep in zip(optimizer.param_groups, configured, strict=True):
         group.update(keep)
     if any(g["momentum"] for g in optimizer.param_groups):
@@ -219,10 +237,11 @@ class LRSchedule:
         return self._schedule(self, step) * self.warmup_factor(step) * self.low_lr.factor_at(step)
 
     def apply(self, step: int) -> float:
-        """Set the lr of every param group for iteration `step`; return it."""
+        """Set the lr of every param group for iteration `step` (x the group's lr_scale, see
+        param_groups); return it."""
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
     def on_epoch_end(self, epoch: int, val_error: float | None) -> None:

@@ -250,6 +250,7 @@ class Trainer:
         self.data = build_data(cfg, runtime.device, info.rank, info.world, cfg.run_dir,
                                norm=None if ckpt is None else ckpt.get("normalization"))
         self.model = build_model_for(cfg, self.data.num_classes, runtime)
+        self._start_model(ckpt is None)
         self.steps_per_epoch = len(self.data.train)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the "
@@ -261,7 +262,8 @@ class Trainer:
             if runtime.amp_dtype == torch.float16 else None
         self.train_step = TrainStep(
             self.model, optimizer, scaler, runtime, cfg.train.accum_steps,
-            cfg.train.label_smoothing, probe=list(self.model.parameters())[-1],
+            cfg.train.label_smoothing,
+            probe=[p for p in self.model.parameters() if p.requires_grad][-1],
             buffers=list(self.model.buffers()), distributed=info.enabled)
         if cfg.run.diagnostics_every:
             self.train_step.grad_groups = stage_groups(self.model)
@@ -286,6 +288,19 @@ class Trainer:
             dev = runtime.device
             model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
         self.train_step.model = model
+
+    def _start_model(self, fresh: bool) -> None:
+        """model.weights (a new run only: a resume's weights are the checkpoint's), then
+        model.freeze (always: it is part of how the run trains)."""
+        cfg, main = self.cfg, self.info.is_main
+        from .finetune import freeze, start_from_weights
+        if fresh and cfg.model.weights:
+            start_from_weights(self.model, cfg, say if main else (lambda line: None))
+        if cfg.model.freeze:
+            n = freeze(self.model, cfg.model.freeze)
+            if main:
+                say(f"model.freeze: {', '.join(cfg.model.freeze)} frozen ({n:,} parameters, "
+                    f"BatchNorm statistics kept)")
 
     def _banner(self) -> str:
         n_params = sum(p.numel() for p in self.model.parameters())

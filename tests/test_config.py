@@ -236,7 +236,8 @@ def test_every_key_is_classified_for_resume():
                   "data.cifar100_labels", "data.normalize", "data.mean", "data.std",
                   "data.divide_std", "data.pixel_mean_samples", "data.jpeg_draft",
                   "data.batch_size",
-                  "data.val.resize", "train.accum_steps", "train.label_smoothing", "run.seed"]
+                  "data.val.resize", "data.val_fraction", "model.weights", "model.weights_from",
+                  "model.freeze", "train.accum_steps", "train.label_smoothing", "run.seed"]
                  + [k for k in keys if k.split(".")[0] in ("optim", "schedule")]
                  + [k for k in keys if k.startswith("data.train.")],
         "safe": ["run.name", "run.dir", "run.deterministic", "run.device", "run.log_every",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -18,6 +19,9 @@ def run_main(prog: str, body: Callable[[], int]) -> int:
     except ResnetTrainError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # e.g. resnet-train --list-configs | head: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return 0
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; completed checkpoints are intact", file=sys.stderr)
         return 130

@@ -354,7 +354,8 @@ def cached_pixel_mean(cfg, paths, labels, run_dir, rank: int) -> torch.Tensor:
     resize, crop = max(d.val.resize, d.train.crop), d.train.crop
     key = json.dumps([os.path.abspath(d.root), d.train_dir, len(paths), os.fsdecode(paths[0]),
                       os.fsdecode(paths[-1]), resize, crop, d.pixel_mean_samples]
-                     + (["draft"] if d.jpeg_draft else []))
+                     + (["draft"] if d.jpeg_draft else [])
+                     + ([d.val_fraction, d.holdout_seed] if d.val_fraction else []))
     name = f"pixel_mean_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy"
     cache_dir = run_dir if run_dir else os.path.join(d.root, ".resnet_train_cache")
     path = os.path.join(cache_dir, name)
@@ -382,6 +383,26 @@ def cached_pixel_mean(cfg, paths, labels, run_dir, rank: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- builder
 
 
+def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices: ``fraction`` of every class, drawn with ``seed``.
+
+    Stratified so that a small or unbalanced folder still validates every class: each class
+    of n >= 2 images gives round(fraction * n) of them, at least 1 and at most n - 1. The draw
+    depends only on the seed and the sorted scan, so every run and resume gets the same split.
+    """
+    g = torch.Generator().manual_seed(seed)
+    held = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        k = min(max(round(fraction * len(idx)), 1), len(idx) - 1)
+        perm = torch.randperm(len(idx), generator=g).numpy()
+        held.append(idx[perm[:k]])
+    held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    mask = np.ones(len(labels), dtype=bool)
+    mask[held_idx] = False
+    return np.flatnonzero(mask), held_idx
+
+
 def build_folder(cfg, device, rank: int, world: int, run_dir=None,
                  stored=None) -> DataBundle:
     """ImageNet or any folder of class folders; the val loader follows data.val.protocol."""
@@ -390,7 +411,18 @@ def build_folder(cfg, device, rank: int, world: int, run_dir=None,
         raise DataError(f"{d.root}: data root directory not found")
     warn = warn_stderr if rank == 0 else _quiet
     classes, train_paths, train_labels = scan_split(d.root, d.train_dir, warn=warn)
-    _, val_paths, val_labels = scan_split(d.root, d.val_dir, classes, warn=warn)
+    if d.val_fraction > 0:
+        if os.path.isdir(os.path.join(d.root, d.val_dir)):
+            warn(f"note: data.val_fraction={d.val_fraction}: validating on a holdout of "
+                 f"{d.train_dir}/; {os.path.join(d.root, d.val_dir)} is not read")
+        keep, held = holdout_split(train_labels, d.val_fraction, d.holdout_seed)
+        val_paths, val_labels = train_paths[held], train_labels[held]
+        train_paths, train_labels = train_paths[keep], train_labels[keep]
+    elif not os.path.isdir(os.path.join(d.root, d.val_dir)):
+        raise DataError(f"{os.path.join(d.root, d.val_dir)}: split directory not found (set "
+                        f"data.val_fraction=0.1 to hold out part of {d.train_dir}/ instead)")
+    else:
+        _, val_paths, val_labels = scan_split(d.root, d.val_dir, classes, warn=warn)
     k = len(classes)
     if d.num_classes is not None and d.num_classes != k:
         raise ConfigError(f"data.num_classes: {d.num_classes} does not match "
