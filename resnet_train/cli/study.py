@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from ..errors import UserError
@@ -38,8 +37,7 @@ def parser() -> argparse.ArgumentParser:
                         "default: model.arch plus every model/data/recipe key that differs")
     d = sub.add_parser("degradation", help="train plain vs ResNet at several depths; figure")
     d.add_argument("--out", required=True, metavar="DIR", help="study directory (one run each)")
-    d.add_argument("--config", help="base recipe (default: configs/cifar10_paper.yaml of this "
-                                    "checkout)")
+    d.add_argument("--config", help="base recipe (default: the packaged cifar10_paper.yaml)")
     d.add_argument("--depths", default="20,32,44,56", help="comma-separated, 6n+2 (default: "
                                                              "%(default)s)")
     d.add_argument("--families", default="plain,resnet", help="default: %(default)s")
@@ -53,12 +51,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _default_config() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.normpath(os.path.join(here, "..", "..", "configs", "cifar10_paper.yaml"))
-    if not os.path.isfile(path):
-        raise UserError("--config: no configs/cifar10_paper.yaml next to this installation; "
-                        "name the base recipe")
-    return path
+    from ..config import resolve_config_path
+    return resolve_config_path("cifar10_paper.yaml")  # the packaged recipe
 
 
 def degradation(args: argparse.Namespace) -> int:
