@@ -94,6 +94,10 @@ class RunConfig:
         "histograms to TensorBoard diag/* (0 = off, no cost)", resume="safe", min=0)
     progress: Literal["auto", "bar", "lines", "none"] = opt(
         "auto", "console progress: tqdm bar on a TTY, plain lines otherwise (auto)", resume="safe")
+    threads: int | None = opt(
+        None, "intra-op CPU threads of each process; default: OMP_NUM_THREADS if set, else on "
+        "CPU with folder data the usable cores minus data.workers (>= 1), else torch's default",
+        resume="safe", min=1)
 
 
 @dataclass(frozen=True)

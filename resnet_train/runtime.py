@@ -8,6 +8,7 @@ the config says otherwise.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -96,3 +97,30 @@ def build_model_for(cfg: Config, num_classes: int, runtime: Runtime) -> nn.Modul
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
     return model
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask; a container's cgroup limit is
+    not visible here)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def configure_threads(cfg: Config, device: torch.device) -> int:
+    """Set and return the main process's intra-op thread count (``run.threads``).
+
+    On CPU, loader workers decode JPEGs on the same cores as the training step, and OpenMP
+    threads that finish a kernel spin-wait for the next one: with every core taken by a
+    spinning thread, the workers starve (measured by scripts/bench.py; see the README's
+    Performance section). So with folder data on CPU the step gets the cores the workers do
+    not use. An explicit OMP_NUM_THREADS (torchrun sets 1 per process) is respected.
+    """
+    threads = cfg.run.threads
+    if threads is None and "OMP_NUM_THREADS" not in os.environ and device.type == "cpu" \
+            and cfg.data.dataset in ("folder", "imagenet") and cfg.data.workers > 0:
+        threads = max(1, usable_cores() - cfg.data.workers)
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()

@@ -28,7 +28,8 @@ from .engine import (SCALER_CALIBRATION, Meter, Timer, TrainStep, evaluate, prec
                      scorer_for, stage_groups)
 from .errors import ConfigError, EnvironmentFailure, ResnetTrainError, UserError
 from .logging import Progress, RunLogger, say
-from .runtime import AMP_NAMES, build_model_for, device_kind, resolve_runtime
+from .runtime import (AMP_NAMES, build_model_for, configure_threads, device_kind,
+                      resolve_runtime)
 
 PREEMPTED_EXIT = 3  # stopped by a signal after saving last.pt; the same command resumes
 
@@ -90,7 +91,8 @@ class Trainer:
         """Train; return the process exit code (0 done, PREEMPTED_EXIT after a signal)."""
         cfg = self.cfg
         # Process-wide switches this run sets are put back afterwards (in-process callers).
-        flags = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+        flags = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+                 torch.get_num_threads())
         if cfg.run.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.info = dist_utils.init(device_kind(cfg.run.device))
@@ -102,6 +104,7 @@ class Trainer:
             self._release()
             torch.use_deterministic_algorithms(flags[0])
             torch.backends.cudnn.benchmark = flags[1]
+            torch.set_num_threads(flags[2])
             dist_utils.shutdown()
 
     def _release(self) -> None:
@@ -127,6 +130,7 @@ class Trainer:
     def _fit(self) -> int:
         cfg, info = self.cfg, self.info
         self.runtime = resolve_runtime(cfg, info.local_rank)
+        self.threads = configure_threads(cfg, self.runtime.device)
         self.ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
         resume_path, ckpt = self._find_resume()
         if ckpt is not None and self._is_complete(ckpt):
@@ -307,7 +311,8 @@ class Trainer:
         rt = self.runtime
         return (f"{self.cfg.model.arch} ({n_params:,} params) on {self.data.train.num_samples} "
                 f"images, {self.data.num_classes} classes | {rt.device} x{self.info.world}, "
-                f"{AMP_NAMES[rt.amp_dtype]}, channels_last={rt.channels_last} | "
+                f"{AMP_NAMES[rt.amp_dtype]}, channels_last={rt.channels_last}, "
+                f"{self.threads} threads | "
                 f"{-(-self.state.total_steps // self.steps_per_epoch)} epochs x "
                 f"{self.steps_per_epoch} steps, global batch {self.cfg.data.batch_size} | "
                 f"run dir {self.cfg.run_dir}")

@@ -151,3 +151,30 @@ def test_list_configs_version_and_print_config_without_the_data(tmp_path, capsys
     assert "arch: resnet50" in capsys.readouterr().out
     assert train_cli.main(["--config", "imagenet_r50.yaml"]) == 2
     assert "data.root: directory not found: /data/imagenet" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def test_cpu_threads_leave_the_loader_workers_their_cores(monkeypatch):
+    from resnet_train import runtime
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
+    before = torch.get_num_threads()
+    cpu = torch.device("cpu")
+    try:
+        folder = load_config(data={"data": {"dataset": "folder", "workers": 3}}, paths=False)
+        assert runtime.configure_threads(folder, cpu) == 5
+        many = load_config(data={"data": {"dataset": "folder", "workers": 12}}, paths=False)
+        assert runtime.configure_threads(many, cpu) == 1
+        torch.set_num_threads(before)
+        synthetic = load_config(data={"data": {"workers": 3}})  # no loader workers run
+        assert runtime.configure_threads(synthetic, cpu) == before
+        explicit = load_config(data={"run": {"threads": 2}, "data": {"dataset": "folder"}},
+                               paths=False)
+        assert runtime.configure_threads(explicit, cpu) == 2
+        torch.set_num_threads(before)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's, or the user's: respected
+        assert runtime.configure_threads(folder, cpu) == before
+    finally:
+        torch.set_num_threads(before)
