@@ -30,8 +30,9 @@ def start_from_weights(model: nn.Module, cfg: Config, say: Callable[[str], None]
     """Load ``cfg.model.weights`` into ``model`` strictly; a head of another class count is
     replaced by the model's fresh one (said in one line); anything else that does not fit
     is a CheckpointError naming the keys."""
-    from .weights import fit_weights, load_weights
+    from .weights import check_torchvision_variant, fit_weights, load_weights
     m = cfg.model
+    check_torchvision_variant(m.weights, m.arch, m.variant)
     state = load_weights(m.weights, m.arch, m.weights_from)
     for line in fit_weights(model, state, m.weights, new_head_ok=True):
         say(line)

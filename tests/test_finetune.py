@@ -178,3 +178,48 @@ def test_cpu_threads_leave_the_loader_workers_their_cores(monkeypatch):
         assert runtime.configure_threads(folder, cpu) == before
     finally:
         torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- model.weights
+
+
+def test_a_run_from_weights_starts_fresh_with_a_new_head(tmp_path, capsys):
+    source = str(tmp_path / "source")
+    assert train_cli.main(tiny(source, "train.epochs=1")) == 0
+    ckpt_path = os.path.join(source, "checkpoints", "last.pt")
+    pretrained = torch.load(ckpt_path, weights_only=True)["model"]
+    plain = str(tmp_path / "plain.pt")
+    torch.save({f"module.{k}": v for k, v in pretrained.items()}, plain)  # a DDP-saved file
+    capsys.readouterr()
+    # 12 classes instead of 10; everything but the head frozen, so whatever the run ends
+    # with outside the head is what it started from.
+    run_dir = str(tmp_path / "tuned")
+    assert train_cli.main(tiny(run_dir, "train.epochs=1", "data.synthetic_classes=12",
+                               f"model.weights={plain}",
+                               "model.freeze=[conv1,bn1,layer1,layer2,layer3]")) == 0
+    out = capsys.readouterr().out
+    assert "fc 10 -> 12 classes" in out and f"initialised from {plain}" in out
+    tuned = torch.load(os.path.join(run_dir, "checkpoints", "last.pt"), weights_only=True)
+    assert tuned["global_step"] == 8 and tuned["epoch"] == 1  # its own position, from 0
+    for k, v in pretrained.items():
+        if k.startswith("fc."):
+            assert tuned["model"][k].shape[0] == 12
+        else:
+            assert torch.equal(tuned["model"][k], v), k
+
+
+def test_weights_that_do_not_fit_exit_2_naming_the_culprit(tmp_path, capsys):
+    wide = str(tmp_path / "wide.pt")
+    torch.save(build_model("resnet20", 10, width=8).state_dict(), wide)
+    assert train_cli.main(tiny(str(tmp_path / "a"), f"model.weights={wide}")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "wide.pt" in err and "conv1.weight" in err
+    missing = str(tmp_path / "missing.pt")
+    assert train_cli.main(tiny(str(tmp_path / "b"), f"model.weights={missing}")) == 2
+    assert "missing.pt" in capsys.readouterr().err
+    assert train_cli.main(tiny(str(tmp_path / "c"), "model.weights=torchvision:IMAGENET1K_V1")) == 2
+    assert "resnet20" in capsys.readouterr().err  # torchvision has no such network
+    # torchvision's ResNet-50 into the paper's v1 bottleneck: the keys fit, the net is another
+    assert train_cli.main(tiny(str(tmp_path / "d"), "model.arch=resnet50", "model.variant=v1",
+                               "model.weights=torchvision:IMAGENET1K_V2")) == 2
+    assert "model.variant=v1.5" in capsys.readouterr().err
