@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOT_EXPERIMENTS = {"cifar10_paper", "cifar10_preact_paper", "imagenet_paper",
                    "imagenet_im_paper", "quickstart", "synthetic_imagenet_r50",
                    "imagenet_r50_modern", "finetune_folder", "imagenet_torchvision_eval",
+                   "cifar10_akamaster",
                    "imagenet_r18"}  # option B: the papers report ResNet-18 only with A
 
 
