@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -240,9 +241,16 @@ class TrainStep:
         self.peak_bad_run.fill_(float(state["bad_run"]))
 
 
-def _hits(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-1 and top-5 correct counts (float64 device scalars)."""
-    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+def _top5(logits: torch.Tensor) -> torch.Tensor:
+    """The indices of the 5 best classes (fewer if there are fewer), best first."""
+    return logits.topk(min(5, logits.shape[1]), dim=1).indices
+
+
+def _hits(logits: torch.Tensor, y: torch.Tensor,
+          top5: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 and top-5 correct counts (float64 device scalars); ``top5``: ``_top5(logits)``
+    if the caller has it already."""
+    top5 = _top5(logits) if top5 is None else top5
     hit = top5 == y.unsqueeze(1)
     return hit[:, 0].sum().double(), hit.any(1).sum().double()
 
@@ -253,7 +261,9 @@ def view_scorer(protocol: str, crop: int, scales=(), flip: bool = False):
     ``ten_crop``: the loader's (N, 10, C, crop, crop) batch runs as one (10N, ...) forward
     pass. ``multiscale``: each view (one image per batch, every short side in ``scales``,
     mirrored too with ``flip``) runs fully convolutionally. Either way the score of an image
-    is the log of its views' mean softmax (the papers average the class scores).
+    is the log of its views' mean softmax (the papers average the class scores), computed
+    as logsumexp(log_softmax) - log(views): a class every view rules out gets a finite log
+    probability, where the log of the summed probabilities would underflow to -inf.
     """
     if protocol == "center":
         return None
@@ -261,14 +271,11 @@ def view_scorer(protocol: str, crop: int, scales=(), flip: bool = False):
     def score(model: nn.Module, x: torch.Tensor, runtime: Runtime) -> torch.Tensor:
         if protocol == "ten_crop" and x.dim() == 5:
             n, v = x.shape[:2]
-            probs = F.softmax(model(runtime.layout(x.flatten(0, 1))).float(), dim=1)
-            return probs.view(n, v, -1).mean(1).log()
-        total = None
+            logp = F.log_softmax(model(runtime.layout(x.flatten(0, 1))).float(), dim=1)
+            return torch.logsumexp(logp.view(n, v, -1), dim=1) - math.log(v)
         views = eval_views(x, protocol, crop, scales, flip)
-        for view in views:
-            p = F.softmax(model(runtime.layout(view)).float(), dim=1)
-            total = p if total is None else total + p
-        return (total / len(views)).log()
+        logp = [F.log_softmax(model(runtime.layout(view)).float(), dim=1) for view in views]
+        return torch.logsumexp(torch.stack(logp), dim=0) - math.log(len(views))
 
     return score
 
@@ -312,15 +319,20 @@ def precise_bn(model: nn.Module, inputs, runtime: Runtime, info: dist_utils.Dist
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, prep, runtime: Runtime, info: dist_utils.DistInfo,
-             views=None, stop=None) -> dict | None:
+             views=None, stop=None, confusion: int = 0) -> dict | None:
     """Loss, top-1, top-5 and N over the whole split; every image counted exactly once.
 
     ``views`` (optional) maps a prepared batch to per-image log mean softmax over its views
     (10-crop, multi-scale). ``stop(i)``, asked before batch i, ends the pass early (None is
-    returned): it must answer alike on every rank.
+    returned): it must answer alike on every rank. ``confusion`` = C > 0 also counts (true
+    class, top-1 prediction) pairs on the device: the result's "confusion" is a (C, C) int64
+    CPU tensor, rows the true class, summed over ranks (its trace is the top-1 count).
     """
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=runtime.device)
+    # Made before the first batch: a rank whose shard is empty still joins the all-reduce.
+    pairs = torch.zeros(confusion * confusion, dtype=torch.int64, device=runtime.device) \
+        if confusion else None
     batches = loader.batches(0, 0)
     for i, (x, y) in enumerate(batches):
         if stop is not None and stop(i):
@@ -334,9 +346,16 @@ def evaluate(model: nn.Module, loader, prep, runtime: Runtime, info: dist_utils.
                 logp = F.log_softmax(model(runtime.layout(x)).float(), dim=1)
             else:
                 logp = views(model, x, runtime)
-        c1, c5 = _hits(logp, y)
+        top5 = _top5(logp)
+        c1, c5 = _hits(logp, y, top5)
+        if pairs is not None:  # index_put_, not bincount: bincount reads its size on the host
+            pairs.index_put_((y * confusion + top5[:, 0],), torch.ones_like(y), accumulate=True)
         loss = F.nll_loss(logp, y, reduction="sum").double()
         sums += torch.stack([loss, c1, c5, torch.full_like(loss, y.shape[0])])
     loss, c1, c5, n = dist_utils.all_reduce_sum(sums, runtime.device, info)
     per = max(n, 1.0)
-    return {"loss": loss / per, "top1": c1 / per, "top5": c5 / per, "n": int(n)}
+    out = {"loss": loss / per, "top1": c1 / per, "top5": c5 / per, "n": int(n)}
+    if pairs is not None:
+        dist_utils.all_reduce_tensors([pairs], info)  # float64 sums: exact below 2**53
+        out["confusion"] = pairs.view(confusion, confusion).cpu()
+    return out

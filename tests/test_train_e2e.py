@@ -100,7 +100,8 @@ def test_eval_reproduces_best_validation(trained, tmp_path, capsys):
     assert result["top5"] == pytest.approx(best["val_top5"])
     assert result["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
     printed = capsys.readouterr().out
-    assert f"top1 {result['top1']:.4f}" in printed and "n 96" in printed
+    row = next(line.split() for line in printed.splitlines() if line.startswith("center"))
+    assert row[3] == f"{100 * result['top1']:.2f}" and row[6] == "96"  # top-1 acc %, N
     # an override: fewer validation images
     assert eval_cli.main(["--checkpoint", best_path, "--json", str(out),
                           "data.val_samples=32"]) == 0
