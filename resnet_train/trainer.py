@@ -98,11 +98,14 @@ class Trainer:
         self.info = dist_utils.init(device_kind(cfg.run.device))
         try:
             torch.backends.cudnn.benchmark = not cfg.run.deterministic
-            torch.use_deterministic_algorithms(cfg.run.deterministic)
+            # Only on a change: the call imports torch._inductor's config (1-2 s a process).
+            if flags[0] != cfg.run.deterministic:
+                torch.use_deterministic_algorithms(cfg.run.deterministic)
             return self._fit()
         finally:
             self._release()
-            torch.use_deterministic_algorithms(flags[0])
+            if torch.are_deterministic_algorithms_enabled() != flags[0]:
+                torch.use_deterministic_algorithms(flags[0])
             torch.backends.cudnn.benchmark = flags[1]
             torch.set_num_threads(flags[2])
             dist_utils.shutdown()
