@@ -264,3 +264,7 @@ def test_final_protocol_needs_full_size_images(tmp_path, capsys):
     assert train_cli.main(tiny(tmp_path / "r", "data.val.final_protocol=multiscale")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data.val.final_protocol" in err[0] and "synthetic" in err[0]
+    # the per-epoch protocol too: ten 16 px views of a 16 px image would be a wrong number
+    assert train_cli.main(tiny(tmp_path / "s", "data.val.protocol=ten_crop")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.val.protocol: ten_crop" in err[0] and "synthetic" in err[0]

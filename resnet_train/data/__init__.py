@@ -112,6 +112,10 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world: int = 1,
     builder = getattr(importlib.import_module(f"{__name__}.{module}"), fn)
     stored = stored_stats(cfg, norm)
     final = final_val_config(cfg)
+    if cfg.data.val.protocol != "center" and cfg.data.dataset not in ("imagenet", "folder"):
+        raise ConfigError(f"data.val.protocol: {cfg.data.val.protocol} views are cut from "
+                          f"full-size images (imagenet, folder); {cfg.data.dataset} is "
+                          f"evaluated on its own images: use center")
     if final is not None and cfg.data.dataset not in ("imagenet", "folder"):
         raise ConfigError(f"data.val.final_protocol: {final.protocol} views are cut from "
                           f"full-size images (imagenet, folder); {cfg.data.dataset} is "
