@@ -94,11 +94,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """
     configured = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
                   for g in optimizer.param_groups]
-    try:
-        optimizer.load_state_dict(state)
-    except ValueError as e:  # e.g. optim.backbone_lr_scale allowed to change from 1.0
-        raise CheckpointError(f"the saved optimizer state does not fit this config's parameter "
-                              f"groups ({e}); resume with the old grouping") from None
+    optimizer.load_state_dict(state)  # a misfit: TrainState names the file and the part
     for group, keep in zip(optimizer.param_groups, configured, strict=True):
         group.update(keep)
     if any(g["momentum"] for g in optimizer.param_groups):

@@ -5,6 +5,7 @@
     python scripts/bench.py step      # our training step vs a bare loop: our overhead
     python scripts/bench.py epoch     # a CIFAR ResNet-20 epoch: resnet-train vs the usual script
     python scripts/bench.py scaling   # torchrun, 1 vs N processes: scaling efficiency
+    python scripts/bench.py threads   # CPU folder training: run.threads' default vs every core
     python scripts/bench.py compare a.json b.json c.json   # do repeated runs agree?
     python scripts/bench.py env | summarize DIR          # (scripts/gpu_check.sh's helpers)
 
@@ -884,6 +885,58 @@ def cmd_scaling(args) -> int:
     return finish(args, threads, f"scaling: images/s, 1 vs {n} processes", [row], t0)
 
 
+# =========================================================================== threads
+
+
+def folder_train_run(args, root: str, base: str, workers: int, threads: int | None,
+                     i: int) -> dict:
+    """resnet-train on the generated folder (CPU); run.threads given, or the default."""
+    tag = "default" if threads is None else f"t{threads}"
+    run_dir = os.path.join(base, f"w{workers}_{tag}_{i}")
+    over = ["data.dataset=folder", f"data.root={root}", f"data.workers={workers}",
+            f"data.batch_size={args.batch}", f"data.train.scale=[{args.crop + args.crop // 7},"
+            f"{args.crop + args.crop // 2}]", f"data.train.crop={args.crop}",
+            f"data.val.resize={args.crop}", f"data.val.crop={args.crop}",
+            f"model.arch={args.arch}", f"model.width={args.width}",
+            f"train.epochs={args.epochs}", "schedule.name=constant", "run.device=cpu",
+            "run.progress=none", f"run.dir={run_dir}"]
+    if threads is not None:
+        over.append(f"run.threads={threads}")
+    env = {k: v for k, v in cli_env().items() if k != "OMP_NUM_THREADS"}
+    run_logged([sys.executable, "-m", "resnet_train.cli.train", *over], run_dir + ".log",
+               args.timeout, env)
+    recs = epoch_records(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return {"images_per_s": recs[-1]["images_per_sec"],
+            "data_wait_frac": recs[-1].get("data_wait_frac")}
+
+
+def cmd_threads(args) -> int:
+    """CPU training on JPEG folders: run.threads' default vs torch's (every core), by
+    data.workers: does the main process starve the workers that decode?"""
+    t0, threads = time.perf_counter(), thread_settings()
+    print_threads(threads)
+    cores = threads["affinity_cpus"] or threads["cpu_count"]
+    print(f"threads: {args.arch} width {args.width}, {args.crop} px crops of ~500x375 JPEGs, "
+          f"batch {args.batch}, {args.epochs} epochs (the last one's images/s, metrics.jsonl); "
+          f"ours: the default run.threads, reference: run.threads={cores} (torch's default)",
+          flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_threads_") as base:
+        root = cached(args.dir or base, f"folder_{args.images}",
+                      lambda p: f", {make_folder(p, args.images):.0f} KB a JPEG")
+        for w in args.workers:
+            ours, ref = alternate(
+                args.rounds, lambda i, w=w: folder_train_run(args, root, base, w, None, i),
+                lambda i, w=w: folder_train_run(args, root, base, w, cores, i))
+            rows.append(compare_row(
+                f"workers={w}", "images/s", [r["images_per_s"] for r in ours],
+                [r["images_per_s"] for r in ref], labels=("default threads", f"{cores} threads"),
+                extra={"workers": w, "data_wait_frac": [r["data_wait_frac"] for r in ours],
+                       "reference_data_wait_frac": [r["data_wait_frac"] for r in ref]}))
+    return finish(args, threads, "threads: CPU folder training images/s", rows, t0)
+
+
 # =========================================================================== compare
 
 
@@ -1101,6 +1154,20 @@ def parser() -> argparse.ArgumentParser:
                         "usable cores / N)")
     c.add_argument("--timeout", type=float, default=1800, help="seconds per torchrun")
 
+    t = common(sub.add_parser("threads", help=cmd_threads.__doc__), 3)
+    t.set_defaults(func=cmd_threads)
+    t.add_argument("--workers", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2],
+                   help="comma list of data.workers (default 0,1,2)")
+    t.add_argument("--images", type=int, default=512, help="training JPEGs generated")
+    t.add_argument("--arch", default="resnet18")
+    t.add_argument("--width", type=int, default=16, help="model.width (a light model: the "
+                   "decode is a large share of the step)")
+    t.add_argument("--crop", type=int, default=112)
+    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--epochs", type=int, default=2, help="the last one is measured")
+    t.add_argument("--timeout", type=float, default=1800, help="seconds per CLI run")
+    t.add_argument("--dir", help="keep/reuse the generated data here")
+
     v = sub.add_parser("env", help=cmd_env.__doc__)
     v.set_defaults(func=cmd_env)
     v.add_argument("--json", metavar="OUT")
@@ -1119,7 +1186,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    if args.command in ("data", "step", "epoch", "scaling"):
+    if args.command in ("data", "step", "epoch", "scaling", "threads"):
         args.device = resolve_device(args.device)
     if args.command == "data":
         args.pipelines = [x.strip() for x in args.pipelines.split(",") if x.strip()]

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -206,6 +207,7 @@ def score(subject: Subject, protocols: list[str] | None = None,
         return report(subject, results, classes)
     finally:
         del model  # before the process group goes (see Trainer._release)
+        gc.collect()
         dist_utils.shutdown()
 
 
