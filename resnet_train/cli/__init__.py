@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
 
-from ..errors import ResnetTrainError
+from ..errors import ResnetTrainError, UserError, describe_os_error
 
 
 def run_main(prog: str, body: Callable[[], int]) -> int:
@@ -25,3 +26,13 @@ def run_main(prog: str, body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; completed checkpoints are intact", file=sys.stderr)
         return 130
+
+
+def write_json(path: str, obj, what: str = "--json") -> None:
+    """``obj`` as indented JSON at ``path``; an OS failure is a one-line UserError."""
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2)
+            fh.write("\n")
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot write ({describe_os_error(e)})") from None

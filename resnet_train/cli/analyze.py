@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from . import run_main
+from . import run_main, write_json
 
 DESCRIPTION = """Residual-learning diagnostics of trained checkpoints (He et al. 2015, Fig. 7).
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def body() -> int:
-        from ..study.analyze import draw, write_json
+        from ..study.analyze import draw
         from ..study.plot import MatplotlibMissing, check_out
         check_out(args.out)
         results = {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -19,8 +18,8 @@ from dataclasses import dataclass
 
 from .. import __version__
 from ..config import Config, ModelConfig, ValAugConfig
-from ..errors import ConfigError, UserError, describe_os_error
-from . import run_main
+from ..errors import ConfigError, UserError
+from . import run_main, write_json
 
 if typing.TYPE_CHECKING:  # torch is imported when a command runs, not for --help / --version
     from torch import nn
@@ -312,15 +311,6 @@ def describe(result: dict) -> str:
                 f"{'' if step is None else f', after {step} steps'}) on {result['dataset']}")
     return (f"weights {result['weights']} ({result['arch']}, layout {result['from']}) "
             f"on {result['dataset']}")
-
-
-def write_json(path: str, result: dict) -> None:
-    try:
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=2)
-            fh.write("\n")
-    except OSError as e:
-        raise UserError(f"--json {path}: cannot write ({describe_os_error(e)})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -403,26 +403,33 @@ def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
     return np.flatnonzero(mask), held_idx
 
 
+def scan_splits(d, warn) -> tuple[list[str], tuple, tuple]:
+    """(classes, (train paths, labels), (val paths, labels)) of ``cfg.data``: val/ or, with
+    data.val_fraction, a holdout of train/."""
+    classes, train_paths, train_labels = scan_split(d.root, d.train_dir, warn=warn)
+    val_dir = os.path.join(d.root, d.val_dir)
+    if d.val_fraction > 0:
+        if os.path.isdir(val_dir):
+            warn(f"note: data.val_fraction={d.val_fraction}: validating on a holdout of "
+                 f"{d.train_dir}/; {val_dir} is not read")
+        keep, held = holdout_split(train_labels, d.val_fraction, d.holdout_seed)
+        return (classes, (train_paths[keep], train_labels[keep]),
+                (train_paths[held], train_labels[held]))
+    if not os.path.isdir(val_dir):
+        raise DataError(f"{val_dir}: split directory not found (set data.val_fraction=0.1 to "
+                        f"hold out part of {d.train_dir}/ instead)")
+    _, val_paths, val_labels = scan_split(d.root, d.val_dir, classes, warn=warn)
+    return classes, (train_paths, train_labels), (val_paths, val_labels)
+
+
 def build_folder(cfg, device, rank: int, world: int, run_dir=None,
                  stored=None) -> DataBundle:
     """ImageNet or any folder of class folders; the val loader follows data.val.protocol."""
     d, t = cfg.data, cfg.data.train
     if not d.root or not os.path.isdir(d.root):
         raise DataError(f"{d.root}: data root directory not found")
-    warn = warn_stderr if rank == 0 else _quiet
-    classes, train_paths, train_labels = scan_split(d.root, d.train_dir, warn=warn)
-    if d.val_fraction > 0:
-        if os.path.isdir(os.path.join(d.root, d.val_dir)):
-            warn(f"note: data.val_fraction={d.val_fraction}: validating on a holdout of "
-                 f"{d.train_dir}/; {os.path.join(d.root, d.val_dir)} is not read")
-        keep, held = holdout_split(train_labels, d.val_fraction, d.holdout_seed)
-        val_paths, val_labels = train_paths[held], train_labels[held]
-        train_paths, train_labels = train_paths[keep], train_labels[keep]
-    elif not os.path.isdir(os.path.join(d.root, d.val_dir)):
-        raise DataError(f"{os.path.join(d.root, d.val_dir)}: split directory not found (set "
-                        f"data.val_fraction=0.1 to hold out part of {d.train_dir}/ instead)")
-    else:
-        _, val_paths, val_labels = scan_split(d.root, d.val_dir, classes, warn=warn)
+    classes, (train_paths, train_labels), (val_paths, val_labels) = scan_splits(
+        d, warn_stderr if rank == 0 else _quiet)
     k = len(classes)
     if d.num_classes is not None and d.num_classes != k:
         raise ConfigError(f"data.num_classes: {d.num_classes} does not match "

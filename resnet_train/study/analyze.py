@@ -11,7 +11,6 @@ once), with the model in eval mode, as the trained net responds at test time.
 
 from __future__ import annotations
 
-import json
 
 import torch
 import torch.nn as nn
@@ -115,12 +114,3 @@ def draw(path: str, results: dict[str, dict]) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     save_figure(fig, path)
-
-
-def write_json(path: str, results: dict[str, dict]) -> None:
-    try:
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(results, fh, indent=2)
-            fh.write("\n")
-    except OSError as e:
-        raise UserError(f"{path}: cannot write: {e.strerror or e}") from None
