@@ -236,6 +236,12 @@ class DataConfig:
     jpeg_draft: bool = opt(False, "folder JPEGs: DCT-scaled decode when a crop shrinks >= 2x "
                            "(faster on big photos, not torchvision's exact pixels)",
                            resume="state")
+    # device: workers only read the files; the batch is decoded by one decode_jpeg call on
+    # the training device (nvjpeg on CUDA), for GPUs faster than the CPU cores can decode.
+    decode: Literal["cpu", "device"] = opt(
+        "cpu", "folder JPEGs: decode in the loader workers (cpu, torchvision's exact pixels) or "
+        "on the training device (device: batched nvjpeg on CUDA; a few grey levels off)",
+        resume="state")
     pin_memory: bool = opt(True, "pinned host memory for loader batches (CUDA)", resume="safe")
     prefetch: int = opt(4, "batches prefetched per worker", resume="safe", min=1)
     train: TrainAugConfig = field(default_factory=TrainAugConfig)
@@ -789,6 +795,9 @@ def validate(cfg: Config, paths: bool = True) -> None:
             raise ConfigError(f"{key}: expected 3 values (RGB), got {v}")
     if d.std is not None and any(s <= 0 for s in d.std):
         raise ConfigError(f"data.std: every value must be > 0, got {d.std}")
+    if d.decode == "device" and d.dataset not in ("imagenet", "folder"):
+        raise ConfigError(f"data.decode: device decodes JPEG folders (imagenet, folder); "
+                          f"{d.dataset} has nothing to decode")
     if cfg.optim.nesterov and cfg.optim.momentum == 0:
         raise ConfigError("optim.nesterov: Nesterov momentum needs optim.momentum > 0")
     s = cfg.schedule

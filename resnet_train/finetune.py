@@ -30,10 +30,14 @@ def start_from_weights(model: nn.Module, cfg: Config, say: Callable[[str], None]
     """Load ``cfg.model.weights`` into ``model`` strictly; a head of another class count is
     replaced by the model's fresh one (said in one line); anything else that does not fit
     is a CheckpointError naming the keys."""
-    from .weights import check_torchvision_variant, fit_weights, load_weights
+    from .weights import (akamaster_normalization_note, check_torchvision_variant, fit_weights,
+                          load_weights)
     m = cfg.model
     check_torchvision_variant(m.weights, m.arch, m.variant)
     state = load_weights(m.weights, m.arch, m.weights_from)
+    note = akamaster_normalization_note(cfg.data) if m.weights_from == "akamaster" else None
+    if note:
+        say(note)
     for line in fit_weights(model, state, m.weights, new_head_ok=True):
         say(line)
     say(f"model.weights: initialised from {m.weights} (a new run: optimizer and schedule "

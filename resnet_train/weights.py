@@ -137,6 +137,21 @@ def _torchvision_state(spec: str, arch: str | None) -> dict[str, Tensor]:
     return _strip_prefixes(_as_state_dict(state, spec))
 
 
+# akamaster/pytorch_resnet_cifar10's trainer.py normalises with ImageNet's statistics.
+AKAMASTER_MEAN, AKAMASTER_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def akamaster_normalization_note(data) -> str | None:
+    """A one-line note when ``data`` (a config's data section) does not normalise as
+    akamaster's trainer did: their weights then see other inputs than they were trained on."""
+    if data.normalize == "channel" and data.divide_std and data.mean == AKAMASTER_MEAN \
+            and data.std == AKAMASTER_STD:
+        return None
+    return ("note: akamaster's weights were trained on (x - mean) / std with ImageNet's mean "
+            f"{AKAMASTER_MEAN} and std {AKAMASTER_STD}; this config normalises otherwise "
+            "(the packaged cifar10_akamaster.yaml does it their way)")
+
+
 def check_torchvision_variant(spec: str, arch: str, variant: str | None) -> None:
     """torchvision's bottleneck ResNets put the stride in the 3x3 (our v1.5, the default):
     their weights load by key into a v1 network too, which is then silently another network

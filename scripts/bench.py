@@ -411,7 +411,7 @@ def ours_pipeline(spec):
     data = {"root": spec["root"], "batch_size": spec["batch"]}
     if spec["pipeline"] == "folder":
         data.update(dataset="folder", workers=spec["workers"], prefetch=spec["prefetch"],
-                    train={"aug": "paper"})
+                    train={"aug": "paper"}, decode=spec.get("decode", "cpu"))
     else:
         data.update(dataset="cifar10", train={"aug": "cifar"})
     cfg = load_config(data={"run": {"seed": 0, "device": spec["device"]}, "data": data})
@@ -505,7 +505,7 @@ def cmd_data(args) -> int:
                 f" ({args.images} JPEGs, mean {make_folder(p, args.images):.0f} KB)"))
             spec = {**common, "pipeline": "folder", "root": root, "batch": args.batch,
                     "workers": args.workers, "prefetch": args.prefetch,
-                    "epochs": args.epochs, "threads": args.threads}
+                    "epochs": args.epochs, "threads": args.threads, "decode": args.decode}
             print(f"folder: paper aug, {args.workers} workers each, batch {args.batch}, "
                   f"{args.images} images", flush=True)
             ours, ref = alternate(
@@ -1102,6 +1102,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=None,
                    help="folder: torch threads of the main process (default: the trainer's "
                         "choice, run.threads)")
+    d.add_argument("--decode", default="cpu", choices=("cpu", "device"),
+                   help="folder: ours decodes in the workers (cpu) or on the device (data.decode)")
     d.add_argument("--epochs", type=int, default=2, help="folder: timed epochs a round")
     d.add_argument("--cifar-images", type=int, default=10000)
     d.add_argument("--cifar-batch", type=int, default=128)

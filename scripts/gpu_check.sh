@@ -31,7 +31,7 @@ LOG=$O/gpu_check.log
 : >"$LOG"
 : >"$O/parts.jsonl"
 [ "$DRY" = 1 ] && : >"$O/commands.txt"
-PARTS="env tests r50_eager r20_step folder_loader cifar_epoch r50_compiled"
+PARTS="env tests r50_eager r20_step folder_loader cifar_epoch r50_compiled folder_nvjpeg"
 for p in $PARTS gpu_check; do rm -f "$O/$p.json" "$O/$p.txt"; done  # no stale figures
 rm -f "$O/tests.xml"
 log() { echo "== $*" | tee -a "$LOG"; }
@@ -96,6 +96,10 @@ part cifar_epoch 110 $B epoch --device cuda --samples 50000 --val-samples 10000 
   --rounds 1 --dir /tmp/gpu_check_data --json "$O/cifar_epoch.json"
 part r50_compiled 240 $B step $R50 --compile --warmup 10 --steps 15 --rounds 3 \
   --json "$O/r50_compiled.json"
+# data.decode=device: the workers only read the files, nvjpeg decodes the batch (if time is left)
+part folder_nvjpeg 60 $B data --device cuda --pipelines folder --workers "$WORKERS" \
+  --images 4096 --batch 128 --epochs 2 --rounds 2 --min-seconds 0 --dir /tmp/gpu_check_data \
+  --decode device --json "$O/folder_nvjpeg.json"
 
 $PY scripts/bench.py summarize "$O" 2>&1 | tee -a "$LOG"
 log "total $(( $(date +%s) - START )) s; results in $O/gpu_check.json"

@@ -197,7 +197,7 @@ def test_gpu_check_dry_run_lists_every_part_with_valid_bench_flags(tmp_path):
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     names = [p["part"] for p in summary["parts"]]
     assert names == ["env", "tests", "r50_eager", "r20_step", "folder_loader", "cifar_epoch",
-                     "r50_compiled"]
+                     "r50_compiled", "folder_nvjpeg"]
     assert summary["dry_run"] is True and {p["status"] for p in summary["parts"]} == {"dry"}
     assert all(p["timeout_s"] <= 430 for p in summary["parts"])  # clipped to the budget
     bench = load_bench()

@@ -234,7 +234,7 @@ def test_every_key_is_classified_for_resume():
                   "data.image_size", "data.train_samples", "data.synthetic_classes",
                   "data.val_split", "data.holdout_size", "data.holdout_seed",
                   "data.cifar100_labels", "data.normalize", "data.mean", "data.std",
-                  "data.divide_std", "data.pixel_mean_samples", "data.jpeg_draft",
+                  "data.divide_std", "data.pixel_mean_samples", "data.jpeg_draft", "data.decode",
                   "data.batch_size",
                   "data.val.resize", "data.val_fraction", "model.weights", "model.weights_from",
                   "model.freeze", "train.accum_steps", "train.label_smoothing", "run.seed"]

@@ -274,7 +274,7 @@ def test_weights_score_exactly_what_the_checkpoint_scores(ckpt, multi, tmp_path)
         assert got["loss"] == pytest.approx(one["loss"], rel=1e-9)
 
 
-def test_from_akamaster_converts_before_scoring(tmp_path):
+def test_from_akamaster_converts_before_scoring(tmp_path, capsys):
     """--from akamaster (or the config's model.weights_from) reaches the importer: an
     akamaster-layout file scores what its converted state dict scores; read as native it
     does not fit (exit 2)."""
@@ -297,6 +297,12 @@ def test_from_akamaster_converts_before_scoring(tmp_path):
     assert [r["from"] for r in results] == ["akamaster", "native", "akamaster"]
     assert results[0]["n"] == 40
     assert len({(r["top1"], r["loss"]) for r in results}) == 1
+    # not their normalisation: said (twice: the two akamaster runs), and not when it is theirs
+    assert capsys.readouterr().err.count("akamaster's weights were trained on") == 2
+    theirs_norm = ["data.mean=[0.485,0.456,0.406]", "data.std=[0.229,0.224,0.225]"]
+    assert eval_cli.main(["--weights", str(aka), "--arch", "resnet20", "--config", cfg,
+                          "--from", "akamaster", *theirs_norm]) == 0
+    assert "trained on" not in capsys.readouterr().err
     assert eval_cli.main(["--weights", str(aka), "--arch", "resnet20", "--config", cfg]) == 2
 
 

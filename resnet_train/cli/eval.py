@@ -135,7 +135,8 @@ def weights_subject(spec: str, arch: str | None, config: str | None,
                     source: str | None = None) -> Subject:
     """A plain state dict (file or torchvision:NAME) under ``config`` with model.arch=arch."""
     from ..config import load_config
-    from ..weights import TORCHVISION, check_torchvision_variant, fit_weights, load_weights
+    from ..weights import (TORCHVISION, akamaster_normalization_note, check_torchvision_variant,
+                           fit_weights, load_weights)
     if not arch:
         raise UserError("--weights needs --arch: a state dict does not say its architecture")
     if config is None:
@@ -149,6 +150,9 @@ def weights_subject(spec: str, arch: str | None, config: str | None,
     check_torchvision_variant(spec, arch, cfg.model.variant)
     source = source or cfg.model.weights_from  # a config for such weights may name the layout
     state = load_weights(spec, arch, source)
+    note = akamaster_normalization_note(cfg.data) if source == "akamaster" else None
+    if note and int(os.environ.get("RANK", "0")) == 0:
+        print(f"resnet-eval: {note}", file=sys.stderr)
 
     def load(model) -> None:
         fit_weights(model, state, spec, new_head_ok=False)  # another head size: an error here

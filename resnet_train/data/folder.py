@@ -27,9 +27,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import ConfigError, DataError
 from . import DataBundle, Loader, final_val_config
-from .geometry import (crop_box_center, crop_box_full, crop_box_paper, crop_box_resized,
+from .geometry import (Crop, crop_box_center, crop_box_full, crop_box_paper, crop_box_resized,
                        crop_box_rrc)
-from .jpeg import load_crop
+from .device_decode import FIXED_SIZE, Encoded, decode_on_device
+from .jpeg import _jpeg_sof, load_crop
 from .prep import IMAGENET_MEAN, IMAGENET_STD, DevicePrep
 from .sampling import (epoch_permutation, mix_seed, train_batch_indices, train_steps_per_epoch,
                        val_shard)
@@ -139,9 +140,11 @@ class BatchDecoder(Dataset):
     """
 
     def __init__(self, paths: np.ndarray, labels: np.ndarray, geometry: tuple, seed: int,
-                 on_bad: str = "skip", draft: bool = False):
+                 on_bad: str = "skip", draft: bool = False, encoded: bool = False):
         self.paths, self.labels, self.geometry = paths, labels, geometry
         self.seed, self.on_bad, self.draft = seed, on_bad, draft
+        # data.decode=device: hand over the JPEG bytes and crops (device_decode.Encoded)
+        self.encoded = encoded and geometry[0] in FIXED_SIZE
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -172,7 +175,43 @@ class BatchDecoder(Dataset):
         bad.append((os.fsdecode(self.paths[i]), f"no readable replacement in {MAX_TRIES} tries"))
         return None
 
+    def encode(self, key) -> tuple[Encoded, np.ndarray, list]:
+        """The batch of ``key`` undecoded: each plain 8-bit JPEG's bytes and its crop, drawn
+        from the header with the CPU path's seed (the same box); other files decoded here."""
+        epoch, indices = key
+        bad: list[tuple[str, str]] = []
+        blobs, sizes, crops, decoded = [], [], [], {}
+        labels = np.empty(len(indices), dtype=np.int64)
+        for k, i in enumerate(indices):
+            path = os.fsdecode(self.paths[int(i)])
+            try:
+                with open(path, "rb") as fh:
+                    data = fh.read()
+            except OSError:
+                data = b""
+            sof = _jpeg_sof(data)
+            if sof is not None and data[sof[2] - 1] == 8:
+                rng = random.Random(mix_seed(self.seed, epoch, int(i), 0))
+                crops.append(Crop(*self._choose(sof[0], sof[1], rng)))
+                blobs.append(data)
+                sizes.append(len(data))
+                labels[k] = self.labels[int(i)]
+                continue
+            got = self.sample(epoch, int(i), bad)  # the CPU way: replacement and reports
+            if got is None:
+                return None, None, bad
+            decoded[k], labels[k] = got
+            crops.append(None)
+            sizes.append(0)
+        data = _empty_batch((sum(sizes),))
+        data.numpy()[:] = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        return Encoded(key, data, sizes, crops, decoded), labels, bad
+
     def __getitem__(self, key):
+        return self.encode(key) if self.encoded else self.decode(key)
+
+    def decode(self, key):
+        """The batch of ``key`` decoded here (the CPU path)."""
         epoch, indices = key
         bad: list[tuple[str, str]] = []
         fixed = self.geometry[0] in ("paper", "rrc", "center")  # every sample crop x crop
@@ -231,8 +270,9 @@ class FolderLoader(Loader):
     """
 
     def __init__(self, decoder: BatchDecoder, order, num_batches: int, num_samples: int,
-                 workers: int, pin_memory: bool, prefetch: int, seed: int):
-        self.decoder, self.order = decoder, order
+                 workers: int, pin_memory: bool, prefetch: int, seed: int,
+                 device: torch.device | None = None):
+        self.decoder, self.order, self.device = decoder, order, device
         self.num_batches, self.num_samples = num_batches, num_samples
         self._keys = _Keys()
         self._bad_count, self._bad_paths = 0, []
@@ -252,6 +292,8 @@ class FolderLoader(Loader):
         # Labels travel pickled in the message (a numpy array): a tensor would cost a second
         # shared-memory segment and file-descriptor hand-over per batch.
         for x, y, bad in self._dl:
+            if isinstance(x, Encoded):
+                x, y, bad = self._decode(x, y, bad)
             if bad:
                 self._bad_count += len(bad)
                 for p, _ in bad:
@@ -262,6 +304,14 @@ class FolderLoader(Loader):
                 raise DataError(f"{path}: unreadable image ({reason}); "
                                 f"set data.on_bad_image=skip to replace such images")
             yield x, torch.from_numpy(y)
+
+    def _decode(self, x: Encoded, y, bad):
+        """An encoded batch decoded on the device; if the device cannot decode it (a corrupt
+        file), the whole batch again the CPU way, which skips and reports bad images."""
+        try:
+            return decode_on_device(x, self.device), y, bad
+        except RuntimeError:
+            return self.decoder.decode(x.key)
 
     def bad_report(self) -> tuple[int, list[str]]:
         out = (self._bad_count, list(self._bad_paths))
@@ -317,10 +367,11 @@ def val_geometry(cfg, local: int) -> tuple[tuple, int]:
 
 def make_loader(paths, labels, geometry, cfg, order, num_batches, *, device, seed_tag: int):
     d = cfg.data
-    dec = BatchDecoder(paths, labels, geometry, cfg.run.seed, d.on_bad_image, d.jpeg_draft)
+    dec = BatchDecoder(paths, labels, geometry, cfg.run.seed, d.on_bad_image, d.jpeg_draft,
+                       encoded=d.decode == "device")
     pin = bool(d.pin_memory and torch.device(device).type == "cuda")
     return FolderLoader(dec, order, num_batches, len(paths), d.workers, pin, d.prefetch,
-                        mix_seed(cfg.run.seed, seed_tag))
+                        mix_seed(cfg.run.seed, seed_tag), torch.device(device))
 
 
 # --------------------------------------------------------------------------- pixel mean

@@ -1,0 +1,89 @@
+"""data.decode=device on the CPU (torchvision's decode_jpeg there; nvjpeg on CUDA): the same
+samples, labels and crop draws as the CPU path, pixels within a few grey levels on photos,
+non-JPEG files and corrupt JPEGs handled as the CPU path handles them."""
+
+import os
+
+import numpy as np
+import pytest
+import skimage.data as skimage_data  # scikit-image: in the [dev] extra
+import torch
+from PIL import Image
+
+from resnet_train.config import load_config
+from resnet_train.data import build_data
+from resnet_train.errors import ConfigError
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """3 classes of 8 photo crops each (JPEG q90, about 120x90), one of them a PNG."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for k in range(24):
+        img = Image.fromarray(getattr(skimage_data, PHOTOS[k % 6])()).convert("RGB")
+        w, h = img.size
+        x, y = int(rng.integers(0, w // 3)), int(rng.integers(0, h // 3))
+        img = img.crop((x, y, x + 2 * w // 3, y + 2 * h // 3)).resize((120 + k, 90))
+        d = root / "train" / f"c{k % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        fmt = "png" if k == 5 else "jpg"
+        img.save(d / f"{k:02d}.{fmt}", quality=90)
+    return str(root)
+
+
+def cfg(root, **data):
+    d = {"dataset": "folder", "root": root, "batch_size": 8, "workers": 0, "val_fraction": 0.25,
+         "train": {"scale": [64, 96], "crop": 56}, "val": {"resize": 64, "crop": 56}, **data}
+    return load_config(data={"run": {"seed": 5}, "data": d})
+
+
+def batches(c, epoch=0):
+    b = build_data(c, torch.device("cpu"))
+    try:
+        return [(x.clone(), y.clone()) for x, y in b.train.batches(epoch, 0)], b
+    finally:
+        b.train.close()
+
+
+@pytest.mark.parametrize("aug,workers", [("paper", 0), ("paper", 1),
+                                         ("random_resized_crop", 0)])
+def test_device_decode_draws_the_cpu_paths_crops(photos, aug, workers):
+    train = {"aug": aug, "scale": [64, 96], "crop": 56}
+    cpu, _ = batches(cfg(photos, workers=workers, train=train))
+    dev, _ = batches(cfg(photos, workers=workers, decode="device", train=train))
+    other_epoch, _ = batches(cfg(photos, workers=workers, train=train), epoch=1)
+    assert [y.tolist() for _, y in dev] == [y.tolist() for _, y in cpu]
+    for (xd, _), (xc, _), (xo, _) in zip(dev, cpu, other_epoch, strict=True):
+        assert xd.shape == xc.shape == (8, 3, 56, 56) and xd.dtype == torch.uint8
+        diff = (xd.int() - xc.int()).abs()
+        # float vs uint8 resampling rounds differently: measured 0.2 mean, 1 max on CPU
+        assert diff.float().mean(dim=(1, 2, 3)).max() < 0.5 and diff.max() <= 1
+        # another draw (epoch 1: other crops and flips) is far off: the boxes are the same
+        assert (xo.float() - xc.float()).abs().mean() > 5
+    # the PNG went the CPU way in the worker: exactly the CPU path's pixels
+    png = [(b, k) for b, (x, _) in enumerate(cpu) for k in range(8)
+           if torch.equal(x[k], dev[b][0][k])]
+    assert png, "no sample equal to the CPU path's (the PNG's)"
+
+
+def test_a_corrupt_jpeg_sends_its_batch_the_cpu_way(photos, tmp_path):
+    import shutil
+    root = str(tmp_path / "photos")
+    shutil.copytree(photos, root)
+    victim = os.path.join(root, "train", "c1", "04.jpg")
+    data = open(victim, "rb").read()
+    with open(victim, "wb") as fh:  # a valid header, then garbage: only decoding finds it
+        fh.write(data[:400] + bytes(range(256)) * 8)
+    cpu, b_cpu = batches(cfg(root))
+    dev, b_dev = batches(cfg(root, decode="device"))
+    assert b_cpu.train.bad_report()[0] == b_dev.train.bad_report()[0] >= 1
+    equal = [torch.equal(xd, xc) for (xd, _), (xc, _) in zip(dev, cpu, strict=True)]
+    assert any(equal) and not all(equal)  # the victim's batch exactly the CPU path's
+
+
+def test_device_decode_is_for_jpeg_folders():
+    with pytest.raises(ConfigError, match="data.decode: device decodes JPEG folders"):
+        load_config(data={"data": {"decode": "device"}})
