@@ -19,6 +19,7 @@ as always.
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -74,7 +75,11 @@ def decode_on_device(batch: Encoded, device: torch.device) -> torch.Tensor:
     size = next(c.size for c in batch.crops if c is not None) if jpegs else \
         next(iter(batch.decoded.values())).shape[1::-1]
     out = torch.empty((n, 3, size[1], size[0]), dtype=torch.uint8, device=device)
-    images = decode_jpeg(list(parts), mode=ImageReadMode.RGB, device=device) if jpegs else []
+    images = []
+    if jpegs:
+        with warnings.catch_warnings():  # deprecated in favour of torchcodec from 0.29
+            warnings.simplefilter("ignore", DeprecationWarning)
+            images = decode_jpeg(list(parts), mode=ImageReadMode.RGB, device=device)
     for i, img in zip(jpegs, images, strict=True):
         out[i] = _cut(img, batch.crops[i])
     for i, arr in batch.decoded.items():
