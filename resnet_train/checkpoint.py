@@ -241,6 +241,7 @@ class TrainState:
         self.epoch_end_pending = False
         self.metrics: dict | None = None  # the last epoch's record
         self.final_eval: dict | None = None  # the final evaluation's record (its protocol)
+        self.classes: list[str] | None = None  # the dataset's class names, by label
 
     @property
     def epoch(self) -> int:
@@ -271,7 +272,7 @@ class TrainState:
             "complete": self.step >= self.total_steps and not self.epoch_end_pending,
             "best_top1": self.best_top1, "best_epoch": self.best_epoch,
             "world_size": self.info.world, "metrics": self.metrics,
-            "final_eval": self.final_eval,
+            "final_eval": self.final_eval, "classes": self.classes,
             "rng": rng_state(), "config": self.config,
             "versions": {"resnet_train": __version__, "torch": str(torch.__version__)},
             "saved_at": time.time(),
@@ -304,6 +305,7 @@ class TrainState:
         self.epoch_end_pending = bool(state["epoch_end_pending"])
         self.metrics = state.get("metrics")
         self.final_eval = state.get("final_eval")
+        self.classes = state.get("classes") or self.classes  # older checkpoints: the data's
         set_rng_state(state["rng"])
 
 

@@ -62,6 +62,7 @@ class Source:
     input_size: tuple[int, int]  # (H, W) the validation fed the network
     preprocessing: dict
     epoch: int | None
+    classes: list[str] | None = None  # the training data's class names, by output index
 
 
 def _cifar_input(cfg: Config) -> tuple[int, dict]:
@@ -157,7 +158,7 @@ def load_source(path: str, config: str | None = None,
     return Source(path, cfg, model, num_classes, normalize, _mean_at(mean, size), std, size,
                   # one view an image (ten_crop / multiscale average several such views)
                   {"dataset": cfg.data.dataset, "protocol": "center", **preprocessing},
-                  ckpt.get("epoch"))
+                  ckpt.get("epoch"), ckpt.get("classes"))
 
 
 class Normalized(nn.Module):
@@ -260,7 +261,7 @@ def _sidecar(src: Source, fmt: str, out: str, normalized: bool) -> dict:
         norm["mean_image_shape"] = list(src.mean.shape)
     return {
         "format": fmt, "file": os.path.basename(out), "arch": m.arch, "model_options": options,
-        "num_classes": src.num_classes,
+        "num_classes": src.num_classes, "classes": src.classes,
         "input": {"layout": "NCHW", "channels": "RGB", "dtype": "float32",
                   "range": [0, 1] if normalized else "normalised (see normalization)",
                   "size": [h, w], "size_fixed": fmt == "onnx" or (normalized and

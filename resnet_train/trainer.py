@@ -283,6 +283,7 @@ class Trainer:
              "timer": self.timer,
              "normalization": Normalization(self.data, cfg.data.normalize)},
             to_dict(cfg), self.steps_per_epoch, total, info)
+        self.state.classes = self.data.info.get("classes")  # for resnet-export, resnet-eval
         if ckpt is not None:
             self.state.load_state_dict(ckpt, path)
             if info.is_main:

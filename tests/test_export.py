@@ -36,14 +36,14 @@ def _randomize_bn(model, seed):
             m.bias.data.normal_(0, 0.2, generator=g)
 
 
-def _checkpoint(path, overrides, normalization, seed=0):
+def _checkpoint(path, overrides, normalization, seed=0, classes=None):
     """A checkpoint as checkpoint.load expects one (model, config, normalization)."""
     cfg = load_config(None, overrides, paths=False)
     m = cfg.model
     model = build_model(m.arch, 10, width=m.width, variant=m.variant)
     _randomize_bn(model, seed)
     torch.save({"model": model.state_dict(), "config": to_dict(cfg),
-                "normalization": normalization, "epoch": 7}, path)
+                "normalization": normalization, "epoch": 7, "classes": classes}, path)
     return str(path)
 
 
@@ -56,7 +56,8 @@ def ckpts(tmp_path_factory):
     pixel = {"normalize": "pixel_mean", "std": None,
              "mean": torch.rand(3, 20, 20, generator=torch.Generator().manual_seed(5))}
     return {
-        "tiny": _checkpoint(d / "tiny.pt", TINY, channel),
+        "tiny": _checkpoint(d / "tiny.pt", TINY, channel,
+                            classes=[f"class_{k}" for k in range(10)]),
         "pixel": _checkpoint(d / "pixel.pt", [*TINY, "data.normalize=pixel_mean",
                                               "data.divide_std=false"], pixel, seed=1),
         "r18": _checkpoint(d / "r18.pt", ["model.arch=resnet18", "data.dataset=synthetic",
@@ -204,6 +205,7 @@ def test_folder_run_sidecar_names_the_resize_and_crop(ckpts, tmp_path, capsys):
                         "data.val.resize=20", "data.val.crop=18")
     assert code == 0, err
     meta = _sidecar(out)
+    assert meta["classes"] == [f"class_{k}" for k in range(10)]  # the checkpoint's, by index
     assert meta["input"]["size"] == [18, 18]
     assert meta["preprocessing"]["resize"] == 20 and meta["preprocessing"]["crop"] == 18
 

@@ -201,6 +201,8 @@ def test_a_run_from_weights_starts_fresh_with_a_new_head(tmp_path, capsys):
     assert "fc 10 -> 12 classes" in out and f"initialised from {plain}" in out
     tuned = torch.load(os.path.join(run_dir, "checkpoints", "last.pt"), weights_only=True)
     assert tuned["global_step"] == 8 and tuned["epoch"] == 1  # its own position, from 0
+    from resnet_train.data.synthetic import CLASS_NAMES  # kept for export's sidecar
+    assert tuned["classes"] == list(CLASS_NAMES[:12])
     for k, v in pretrained.items():
         if k.startswith("fc."):
             assert tuned["model"][k].shape[0] == 12
