@@ -34,6 +34,7 @@ import os
 import pickle
 import platform
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -906,9 +907,12 @@ def folder_train_run(args, root: str, base: str, workers: int, threads: int | No
     run_logged([sys.executable, "-m", "resnet_train.cli.train", *over], run_dir + ".log",
                args.timeout, env)
     recs = epoch_records(run_dir)
+    with open(run_dir + ".log") as fh:  # the banner: "..., channels_last=..., N threads | ..."
+        used = re.search(r", (\d+) threads \|", fh.read())
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"images_per_s": recs[-1]["images_per_sec"],
-            "data_wait_frac": recs[-1].get("data_wait_frac")}
+            "data_wait_frac": recs[-1].get("data_wait_frac"),
+            "main_threads": int(used.group(1)) if used else None}
 
 
 def cmd_threads(args) -> int:
@@ -932,8 +936,11 @@ def cmd_threads(args) -> int:
             rows.append(compare_row(
                 f"workers={w}", "images/s", [r["images_per_s"] for r in ours],
                 [r["images_per_s"] for r in ref], labels=("default threads", f"{cores} threads"),
-                extra={"workers": w, "data_wait_frac": [r["data_wait_frac"] for r in ours],
-                       "reference_data_wait_frac": [r["data_wait_frac"] for r in ref]}))
+                extra={"workers": w,
+                       "main_threads": {"ours": [r["main_threads"] for r in ours],
+                                        "reference": [r["main_threads"] for r in ref]},
+                       "data_wait_frac": {"ours": [r["data_wait_frac"] for r in ours],
+                                          "reference": [r["data_wait_frac"] for r in ref]}}))
     return finish(args, threads, "threads: CPU folder training images/s", rows, t0)
 
 

@@ -30,6 +30,8 @@ RUNS = {
     "epoch": ["--samples", "256", "--val-samples", "32", "--batch", "64", "--rounds", "1"],
     "scaling": ["--nproc", "2", "--width", "4", "--image-size", "16", "--batch", "16",
                 "--steps", "3", "--epochs", "1", "--rounds", "1", "--timeout", "120"],
+    "threads": ["--workers", "1", "--images", "16", "--width", "4", "--crop", "32",
+                "--batch", "8", "--epochs", "1", "--rounds", "1", "--timeout", "120"],
 }
 
 
@@ -66,7 +68,7 @@ def bench_runs(request, tmp_path_factory):
         path = out / f"{name}.json"
         return proc.returncode, text, json.loads(path.read_text()) if path.exists() else None
 
-    side = {name: start(name) for name in wanted[:1] if name == "scaling"}
+    side = {name: start(name) for name in wanted if name in ("scaling", "threads")}
     results = {name: result(name, start(name)) for name in wanted if name not in side}
     results.update((name, result(name, proc)) for name, proc in side.items())
     return results
@@ -141,6 +143,15 @@ def test_scaling_runs_torchrun_with_1_and_2_processes(bench_runs):
     assert row["nproc"] == 2 and row["backend"] == "gloo" and row["threads_per_proc"] >= 1
     assert row["labels"] == ["2 processes", "1 process"]
     assert row["efficiency"]["median"] == pytest.approx(row["ratio"]["median"] / 2)
+
+
+def test_threads_runs_the_cli_with_the_default_and_every_core(bench_runs):
+    doc = check_common(bench_runs["threads"], "threads", ["workers=1"], 1)
+    row, cores = doc["rows"][0], doc["threads"]["affinity_cpus"] or doc["threads"]["cpu_count"]
+    assert row["workers"] == 1 and row["labels"] == ["default threads", f"{cores} threads"]
+    # the CLI's own banner: the default leaves the one worker its core; the reference all
+    assert row["main_threads"] == {"ours": [max(1, cores - 1)], "reference": [cores]}
+    assert all(0 <= f <= 1 for f in row["data_wait_frac"]["ours"])
 
 
 def test_stat_and_rows_pair_the_alternating_rounds():
