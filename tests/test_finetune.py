@@ -225,3 +225,15 @@ def test_weights_that_do_not_fit_exit_2_naming_the_culprit(tmp_path, capsys):
     assert train_cli.main(tiny(str(tmp_path / "d"), "model.arch=resnet50", "model.variant=v1",
                                "model.weights=torchvision:IMAGENET1K_V2")) == 2
     assert "model.variant=v1.5" in capsys.readouterr().err
+
+
+def test_the_configs_are_package_data_of_an_installable_package():
+    """A plain pip install carries the configs: resnet_train.configs is a package and
+    pyproject.toml ships its YAML files (a wheel built from this tree holds all of them)."""
+    with open(os.path.join(os.path.dirname(PACKAGED_DIR), "..", "pyproject.toml")) as fh:
+        text = fh.read()  # (tomllib is Python 3.11+; the project supports 3.10)
+    package_data = text[text.index("[tool.setuptools.package-data]"):].split("\n[")[0]
+    assert '"resnet_train.configs" = ["*.yaml"]' in package_data
+    assert os.path.isfile(os.path.join(PACKAGED_DIR, "__init__.py"))
+    assert 'resnet-export = "resnet_train.cli.export:main"' in text
+    assert len(packaged_configs()) >= 68
