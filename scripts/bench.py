@@ -651,6 +651,23 @@ def build_bare(args, cfg, runtime):
     return one
 
 
+def _warm_up(args, steps: dict, x, y, device) -> dict:
+    """Untimed steps of each (compilation, cudnn autotuning, the allocator): their seconds
+    and, on CUDA, the peak memory after them."""
+    out: dict = {"warmup_s": {}, "peak_mem_gib": {}}
+    for name, one in steps.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        w0 = time.perf_counter()
+        for _ in range(args.warmup):
+            one(x, y)
+        sync(device)
+        out["warmup_s"][name] = time.perf_counter() - w0
+        if device.type == "cuda":  # (includes the other step's resident weights, ~1%)
+            out["peak_mem_gib"][name] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
 def cmd_step(args) -> int:
     """images/s of our step vs the bare loop, alternating timed windows in one process."""
     t0, threads = time.perf_counter(), thread_settings()
@@ -670,18 +687,8 @@ def cmd_step(args) -> int:
           f"steps; bare loop SGD {'fused' if args.bare_fused else 'default (foreach/for-loop)'}",
           flush=True)
     steps = {"ours": build_ours(args, cfg, runtime), "bare": build_bare(args, cfg, runtime)}
-    extra: dict = {"runtime": runtime.describe(), "warmup_s": {}, "peak_mem_gib": {},
+    extra: dict = {"runtime": runtime.describe(), **_warm_up(args, steps, x, y, device),
                    "host_reads_per_step": {}, "cuda_syncs_per_step": {}}
-    for name, one in steps.items():  # warm-up: compilation, cudnn autotuning, allocator
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        w0 = time.perf_counter()
-        for _ in range(args.warmup):
-            one(x, y)
-        sync(device)
-        extra["warmup_s"][name] = time.perf_counter() - w0
-        if device.type == "cuda":  # (includes the other step's resident weights, ~1%)
-            extra["peak_mem_gib"][name] = torch.cuda.max_memory_allocated(device) / 2**30
 
     def timed(name):
         def round_(i):
