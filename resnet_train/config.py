@@ -240,7 +240,7 @@ class DataConfig:
     # the training device (nvjpeg on CUDA), for GPUs faster than the CPU cores can decode.
     decode: Literal["cpu", "device"] = opt(
         "cpu", "folder JPEGs: decode in the loader workers (cpu, torchvision's exact pixels) or "
-        "on the training device (device: batched nvjpeg on CUDA; a few grey levels off)",
+        "on the training device (device: batched nvjpeg on CUDA; about a grey level off)",
         resume="state")
     pin_memory: bool = opt(True, "pinned host memory for loader batches (CUDA)", resume="safe")
     prefetch: int = opt(4, "batches prefetched per worker", resume="safe", min=1)

@@ -65,18 +65,12 @@ class Source:
     classes: list[str] | None = None  # the training data's class names, by output index
 
 
-def _cifar_input(cfg: Config) -> tuple[int, dict]:
-    return 32, {"resize": None, "crop": None, "note": "the 32x32 image as it is"}
-
-
-def _synthetic_input(cfg: Config) -> tuple[int, dict]:
-    size = cfg.data.image_size
-    return size, {"resize": None, "crop": None, "note": f"the {size}x{size} image as it is"}
-
-
-def _synthetic_imagenet_input(cfg: Config) -> tuple[int, dict]:
-    size = cfg.data.train.crop
-    return size, {"resize": None, "crop": None, "note": f"the {size}x{size} image as it is"}
+def _as_is(size: Callable[[Config], int]) -> Callable[[Config], tuple[int, dict]]:
+    """A dataset whose images the network sees at one size, as they are."""
+    def inputs(cfg: Config) -> tuple[int, dict]:
+        side = size(cfg)
+        return side, {"resize": None, "crop": None, "note": f"the {side}x{side} image as it is"}
+    return inputs
 
 
 def _folder_input(cfg: Config) -> tuple[int, dict]:
@@ -88,10 +82,10 @@ def _folder_input(cfg: Config) -> tuple[int, dict]:
 
 # data.dataset -> (input side, the validation's preprocessing before normalisation)
 INPUTS: dict[str, Callable[[Config], tuple[int, dict]]] = {
-    "synthetic": _synthetic_input,
-    "synthetic_imagenet": _synthetic_imagenet_input,
-    "cifar10": _cifar_input,
-    "cifar100": _cifar_input,
+    "synthetic": _as_is(lambda cfg: cfg.data.image_size),
+    "synthetic_imagenet": _as_is(lambda cfg: cfg.data.train.crop),
+    "cifar10": _as_is(lambda cfg: 32),
+    "cifar100": _as_is(lambda cfg: 32),
     "imagenet": _folder_input,
     "folder": _folder_input,
 }
@@ -315,8 +309,8 @@ def _export_state_dict(src: Source, module: nn.Module, out: str, meta: dict) -> 
     meta["torchvision"] = call
     if call is not None:
         return (f"wrote {out}: plain state dict, torchvision-compatible: {call}"
-                f".load_state_dict(torch.load({os.path.basename(out)!r})) (strict) "
-                f"computes the same outputs")
+                f".load_state_dict(torch.load({os.path.basename(out)!r}, weights_only=True)) "
+                f"(strict) computes the same outputs")
     meta["torchvision_reason"] = why
     options = "".join(f", {k}={v!r}" for k, v in meta["model_options"].items())
     return (f"wrote {out}: plain state dict in our layout only ({why}); rebuild with "

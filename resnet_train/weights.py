@@ -176,16 +176,14 @@ def fit_weights(model: nn.Module, state: dict, spec: str, *, new_head_ok: bool =
             state[key] = torch.zeros_like(value)
     head = _head_change(own, state)
     if head is not None:
+        if not new_head_ok:
+            raise CheckpointError(f"{spec}: its head fc has {head[0]} classes, the model "
+                                  f"{head[1]}; a new head is not allowed here")
         state.update({k: own[k].clone() for k in HEAD if k in own and k in state})
     check_fits(model, state, spec)
-    if head is None:
-        unwrap(model).load_state_dict(state, strict=True)
-        return []
-    if not new_head_ok:
-        raise CheckpointError(f"{spec}: its head fc has {head[0]} classes, the model "
-                              f"{head[1]}; a new head is not allowed here")
     unwrap(model).load_state_dict(state, strict=True)
-    return [f"{spec}: fc {head[0]} -> {head[1]} classes: the head is newly initialised"]
+    return [] if head is None else \
+        [f"{spec}: fc {head[0]} -> {head[1]} classes: the head is newly initialised"]
 
 
 def _head_change(own: dict, state: dict) -> tuple[int, int] | None:

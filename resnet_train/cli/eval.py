@@ -44,9 +44,6 @@ most-confused (true -> predicted) pairs. --json writes all of it. Under torchrun
 counts once and rank 0 alone prints and writes. Exit codes as resnet-train.
 """
 
-# Views other than the centre crop are cut from full-size images, which only the folder
-# datasets have; the others hold their images at one size.
-VIEW_DATASETS = ("imagenet", "folder")
 # The data.val keys that define each protocol (written to --json with its numbers).
 PROTOCOL_KEYS = {"center": ("resize", "crop"), "ten_crop": ("resize", "crop"),
                  "multiscale": ("scales", "flip")}
@@ -167,10 +164,8 @@ def protocol_config(cfg, protocol: str):
     """``cfg`` with data.val.protocol = ``protocol`` (how the trainer's final pass gets its
     loader); ConfigError if the dataset cannot cut that protocol's views."""
     from ..config import replace
-    if protocol != "center" and cfg.data.dataset not in VIEW_DATASETS:
-        raise ConfigError(f"protocol {protocol}: its views are cut from full-size images "
-                          f"(data.dataset imagenet or folder); {cfg.data.dataset} is scored "
-                          f"on its images as they are: use center")
+    from ..data import check_view_protocol
+    check_view_protocol(cfg.data.dataset, protocol, f"--protocol {protocol}")
     # final_protocol: this loader is the whole pass; no second one for the trainer's last eval
     return replace(cfg, **{"data.val.protocol": protocol, "data.val.final_protocol": "same"})
 

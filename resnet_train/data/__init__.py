@@ -60,6 +60,19 @@ def final_val_config(cfg: Config):
     return dataclasses.replace(v, protocol=v.final_protocol)
 
 
+# Views other than the centre crop are cut from full-size images, which only the folder
+# datasets have; the others hold their images at one size.
+VIEW_DATASETS = ("imagenet", "folder")
+
+
+def check_view_protocol(dataset: str, protocol: str, key: str) -> None:
+    """ConfigError naming ``key`` if ``dataset`` cannot cut ``protocol``'s views."""
+    if protocol not in ("center", "same") and dataset not in VIEW_DATASETS:
+        raise ConfigError(f"{key}: {protocol} views are cut from full-size images "
+                          f"({', '.join(VIEW_DATASETS)}); {dataset} is evaluated on its own "
+                          f"images: use center")
+
+
 # dataset name -> "module:function"; each builder takes (cfg, device, rank, world, run_dir,
 # stored) where stored is stored_stats(): the checkpoint's (mean, std) or None.
 BUILDERS = {
@@ -112,14 +125,9 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world: int = 1,
     builder = getattr(importlib.import_module(f"{__name__}.{module}"), fn)
     stored = stored_stats(cfg, norm)
     final = final_val_config(cfg)
-    if cfg.data.val.protocol != "center" and cfg.data.dataset not in ("imagenet", "folder"):
-        raise ConfigError(f"data.val.protocol: {cfg.data.val.protocol} views are cut from "
-                          f"full-size images (imagenet, folder); {cfg.data.dataset} is "
-                          f"evaluated on its own images: use center")
-    if final is not None and cfg.data.dataset not in ("imagenet", "folder"):
-        raise ConfigError(f"data.val.final_protocol: {final.protocol} views are cut from "
-                          f"full-size images (imagenet, folder); {cfg.data.dataset} is "
-                          f"evaluated on its own images: use same or center")
+    check_view_protocol(cfg.data.dataset, cfg.data.val.protocol, "data.val.protocol")
+    if final is not None:
+        check_view_protocol(cfg.data.dataset, final.protocol, "data.val.final_protocol")
     bundle = builder(cfg, device, rank, world, run_dir, stored)
     if stored is not None:  # (only the folder builder needs them up front, to skip its scan)
         for prep in (bundle.train_prep, bundle.val_prep):

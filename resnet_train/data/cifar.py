@@ -195,9 +195,6 @@ def build_cifar(cfg, device, rank: int, world: int, run_dir=None,
     if t.aug == "random_resized_crop":
         raise ConfigError("data.train.aug: random_resized_crop is for image folders; "
                           "use cifar (or paper) or none for CIFAR")
-    if d.val.protocol != "center":
-        raise ConfigError(f"data.val.protocol: {name} is evaluated on its 32x32 images; "
-                          f"only 'center' applies, got {d.val.protocol!r}")
     data = load_cifar(d.root, name, d.cifar100_labels, d.download)
     k = len(data["classes"])
     if d.num_classes is not None and d.num_classes != k:

@@ -204,7 +204,10 @@ class BatchDecoder(Dataset):
             crops.append(None)
             sizes.append(0)
         data = _empty_batch((sum(sizes),))
-        data.numpy()[:] = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        buf, offset = data.numpy(), 0
+        for blob in blobs:  # straight into the (shared) batch buffer: one copy of the bytes
+            buf[offset:offset + len(blob)] = np.frombuffer(blob, dtype=np.uint8)
+            offset += len(blob)
         return Encoded(key, data, sizes, crops, decoded), labels, bad
 
     def __getitem__(self, key):
@@ -214,7 +217,7 @@ class BatchDecoder(Dataset):
         """The batch of ``key`` decoded here (the CPU path)."""
         epoch, indices = key
         bad: list[tuple[str, str]] = []
-        fixed = self.geometry[0] in ("paper", "rrc", "center")  # every sample crop x crop
+        fixed = self.geometry[0] in FIXED_SIZE  # every sample crop x crop
         nhwc, arrays = None, []
         labels = np.empty(len(indices), dtype=np.int64)
         for k, i in enumerate(indices):
