@@ -177,8 +177,8 @@ def score(subject: Subject, protocols: list[str] | None = None,
           per_class: bool = False) -> dict:
     """Score ``subject`` under each protocol (default: data.val.protocol) on every rank.
 
-    The model is built and loaded once; each protocol builds its own loaders with the
-    subject's normalisation (no rescan of the training set)."""
+    The model and the data (with the subject's normalisation: no rescan of the training
+    set) are built once; each further protocol gets a validation loader of its own."""
     from .. import distributed as dist_utils
     from ..data import build_data
     from ..runtime import build_model_for, configure_threads, device_kind, resolve_runtime
@@ -186,36 +186,39 @@ def score(subject: Subject, protocols: list[str] | None = None,
     protocols = list(dict.fromkeys(protocols or [cfg.data.val.protocol]))
     cfgs = [protocol_config(cfg, p) for p in protocols]  # every refusal before any pass
     info = dist_utils.init(device_kind(cfg.run.device))
-    model, results, classes = None, {}, None
+    model, results = None, {}
     try:
         runtime = resolve_runtime(cfg, info.local_rank)
         configure_threads(cfg, runtime.device)
-        for protocol, pcfg in zip(protocols, cfgs, strict=True):
-            data = build_data(pcfg, runtime.device, info.rank, info.world, norm=subject.norm)
-            try:
-                if model is None:
-                    model = build_model_for(cfg, data.num_classes, runtime)
-                    subject.load(model)
-                    classes = data.info.get("classes")
-                results[protocol] = score_protocol(model, data, pcfg, runtime, info, per_class)
-            finally:
-                for loader in (data.train, data.val, data.final):
-                    if loader is not None:
-                        loader.close()
-        return report(subject, results, classes)
+        data = build_data(cfgs[0], runtime.device, info.rank, info.world, norm=subject.norm)
+        loaders = [data.train, data.val]
+        try:
+            model = build_model_for(cfg, data.num_classes, runtime)
+            subject.load(model)
+            for i, (protocol, pcfg) in enumerate(zip(protocols, cfgs, strict=True)):
+                # other protocols than the first: only folder datasets have them (refused above)
+                loader = data.val if i == 0 else data.val_for(protocol)
+                loaders.append(loader)
+                results[protocol] = score_protocol(model, loader, data.val_prep, pcfg,
+                                                   runtime, info, data.num_classes, per_class)
+        finally:
+            for loader in loaders:
+                loader.close()
+        return report(subject, results, data.info.get("classes"))
     finally:
         del model  # before the process group goes (see Trainer._release)
         gc.collect()
         dist_utils.shutdown()
 
 
-def score_protocol(model, data, pcfg, runtime, info, per_class: bool) -> dict:
+def score_protocol(model, loader, prep, pcfg, runtime, info, num_classes: int,
+                   per_class: bool) -> dict:
     """One pass over the validation split: the numbers, the wall time, the protocol's keys."""
     from ..engine import evaluate, scorer_for
     val = pcfg.data.val
     start = time.perf_counter()
-    r = evaluate(model, data.val, data.val_prep, runtime, info, views=scorer_for(val),
-                 confusion=data.num_classes if per_class else 0)
+    r = evaluate(model, loader, prep, runtime, info, views=scorer_for(val),
+                 confusion=num_classes if per_class else 0)
     seconds = time.perf_counter() - start  # evaluate ends with a read: the device is done
     out = {"loss": r["loss"], "top1": r["top1"], "top5": r["top5"], "n": r["n"],
            "seconds": seconds, "images_per_s": r["n"] / seconds if seconds > 0 else None}

@@ -49,6 +49,9 @@ class DataBundle:
     val_prep: Callable[[torch.Tensor], torch.Tensor]
     info: dict = field(default_factory=dict)
     final: Loader | None = None  # the validation split under data.val.final_protocol
+    # protocol -> a loader of the validation split under it (folder datasets: resnet-eval
+    # scores several protocols without scanning the splits again)
+    val_for: Callable[[str], Loader] | None = None
 
 
 def final_val_config(cfg: Config):

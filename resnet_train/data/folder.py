@@ -496,16 +496,17 @@ def build_folder(cfg, device, rank: int, world: int, run_dir=None,
     train = make_loader(train_paths, train_labels, train_geometry(cfg), cfg,
                         _train_order(n, d.batch_size, seed, rank, world),
                         train_steps_per_epoch(n, d.batch_size), device=device, seed_tag=11)
-    geometry, vlocal = val_geometry(cfg, local)
     shard = val_shard(len(val_paths), rank, world)
-    val = make_loader(val_paths, val_labels, geometry, cfg, _val_order(shard, vlocal),
-                      math.ceil(len(shard) / vlocal), device=device, seed_tag=12)
+
+    def val_loader(val_cfg, seed_tag: int) -> FolderLoader:
+        """This rank's shard of the validation split under the ``data.val`` section."""
+        vcfg = dataclasses.replace(cfg, data=dataclasses.replace(d, val=val_cfg))
+        geometry, per = val_geometry(vcfg, local)
+        return make_loader(val_paths, val_labels, geometry, vcfg, _val_order(shard, per),
+                           math.ceil(len(shard) / per), device=device, seed_tag=seed_tag)
+    val = val_loader(d.val, 12)
     final = final_val_config(cfg)
-    if final is not None:
-        fcfg = dataclasses.replace(cfg, data=dataclasses.replace(d, val=final))
-        geometry, flocal = val_geometry(fcfg, local)
-        final = make_loader(val_paths, val_labels, geometry, fcfg, _val_order(shard, flocal),
-                            math.ceil(len(shard) / flocal), device=device, seed_tag=13)
+    final = None if final is None else val_loader(final, 13)
     if stored is not None:  # the checkpoint's values: no scan of the training set
         mean = stored[0]
     elif d.normalize == "pixel_mean":
@@ -520,4 +521,5 @@ def build_folder(cfg, device, rank: int, world: int, run_dir=None,
     val_prep = DevicePrep(mean, std, channels_last=False, device=device, reuse_output=reuse)
     info = {"classes": classes, "train_samples": n, "val_samples": len(val_paths),
             "val_protocol": d.val.protocol}
-    return DataBundle(train, val, k, train_prep, val_prep, info, final)
+    return DataBundle(train, val, k, train_prep, val_prep, info, final,
+                      lambda p: val_loader(dataclasses.replace(d.val, protocol=p), 12))
