@@ -757,19 +757,29 @@ def throughput(recs: list[dict]) -> dict:
             "images": round(images), "seconds": seconds}
 
 
+TRAIN_CLI = [sys.executable, "-m", "resnet_train.cli.train"]
+
+
+def train_run(cmd: list[str], run_dir: str, timeout: float, env: dict) -> tuple:
+    """Run a resnet-train command (its run.dir=run_dir) and remove the run directory:
+    (wall seconds, its metrics.jsonl epoch records, its console output)."""
+    wall = run_logged(cmd, run_dir + ".log", timeout, env)
+    recs = epoch_records(run_dir)
+    with open(run_dir + ".log") as fh:
+        text = fh.read()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return wall, recs, text
+
+
 def ours_epoch(args, root: str, base: str, i: int) -> dict:
     run_dir = os.path.join(base, f"ours_{i}")
     over = ["data.dataset=cifar10", f"data.root={root}", "model.arch=resnet20",
             f"data.batch_size={args.batch}", f"train.epochs={args.epochs}",
             f"run.dir={run_dir}", f"run.device={args.device}"]
-    wall = run_logged([sys.executable, "-m", "resnet_train.cli.train", *over],
-                      run_dir + ".log", args.timeout, cli_env())
-    recs = epoch_records(run_dir)
-    out = {**throughput(recs), "cli_wall_s": wall,
-           "data_wait_frac": recs[-1].get("data_wait_frac"),
-           "peak_mem_gb": recs[-1].get("peak_mem_gb"), "command": over}
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return out
+    wall, recs, _ = train_run([*TRAIN_CLI, *over], run_dir, args.timeout, cli_env())
+    return {**throughput(recs), "cli_wall_s": wall,
+            "data_wait_frac": recs[-1].get("data_wait_frac"),
+            "peak_mem_gb": recs[-1].get("peak_mem_gb"), "command": over}
 
 
 def reference_epoch(spec: dict) -> dict:
@@ -862,9 +872,7 @@ def scaling_run(args, base: str, nproc: int, i: int) -> dict:
         env["OMP_NUM_THREADS"] = str(args.threads_per_proc)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", "resnet_train.cli.train", *over]
-    wall = run_logged(cmd, run_dir + ".log", args.timeout, cli_env(env))
-    recs = epoch_records(run_dir)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    wall, recs, _ = train_run(cmd, run_dir, args.timeout, cli_env(env))
     return {"images_per_s": recs[-1]["images_per_sec"], "torchrun_wall_s": wall}
 
 
@@ -911,12 +919,8 @@ def folder_train_run(args, root: str, base: str, workers: int, threads: int | No
     if threads is not None:
         over.append(f"run.threads={threads}")
     env = {k: v for k, v in cli_env().items() if k != "OMP_NUM_THREADS"}
-    run_logged([sys.executable, "-m", "resnet_train.cli.train", *over], run_dir + ".log",
-               args.timeout, env)
-    recs = epoch_records(run_dir)
-    with open(run_dir + ".log") as fh:  # the banner: "..., channels_last=..., N threads | ..."
-        used = re.search(r", (\d+) threads \|", fh.read())
-    shutil.rmtree(run_dir, ignore_errors=True)
+    _, recs, text = train_run([*TRAIN_CLI, *over], run_dir, args.timeout, env)
+    used = re.search(r", (\d+) threads \|", text)  # the banner: "..., N threads | ..."
     return {"images_per_s": recs[-1]["images_per_sec"],
             "data_wait_frac": recs[-1].get("data_wait_frac"),
             "main_threads": int(used.group(1)) if used else None}
