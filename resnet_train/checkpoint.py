@@ -287,6 +287,11 @@ class TrainState:
             raise CheckpointError(f"{path}: checkpoint format {state.get('format')} is not "
                                   f"this version's ({FORMAT}); resume it with the resnet-train "
                                   f"that wrote it, or start a new run from its weights")
+        saved = state.get("classes")
+        if saved is not None and self.classes is not None and list(saved) != list(self.classes):
+            from .data import class_mismatch  # a folder changed under the run: labels moved
+            raise CheckpointError(f"{path}: " + class_mismatch("this run's data", self.classes,
+                                                               saved))
         check_fits(self.parts["model"], state["model"], path)
         for name, part in self.parts.items():
             if part is None or state.get(name) is None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -58,14 +59,17 @@ def ckpt(folder, tmp_path_factory):
     """One epoch (3 steps) of a width-4 ResNet-20 on the folder: last.pt. Precise BN
     statistics, so that it does not call every image one class (some right, some wrong)."""
     run_dir = str(tmp_path_factory.mktemp("eval_run"))
-    args = ["data.dataset=folder", f"data.root={folder}", "data.workers=0",
+    assert train_cli.main(_train_args(folder, run_dir)) == 0
+    return os.path.join(run_dir, "checkpoints", "last.pt")
+
+
+def _train_args(folder: str, run_dir: str) -> list[str]:
+    return ["data.dataset=folder", f"data.root={folder}", "data.workers=0",
             "data.batch_size=6", "data.train.scale=[30,40]", "data.train.crop=28",
             "data.val.resize=30", "data.val.crop=28", "data.val.scales=[28,36]",
             "model.arch=resnet20", "model.width=4", "train.epochs=1", "train.amp=none",
             "train.channels_last=false", "optim.lr=0.1", "train.precise_bn=3", "run.progress=lines",
             "run.seed=4", f"run.dir={run_dir}"]
-    assert train_cli.main(args) == 0
-    return os.path.join(run_dir, "checkpoints", "last.pt")
 
 
 @pytest.fixture(scope="module")
@@ -392,3 +396,80 @@ def test_version_and_choices_without_torch(capsys):
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.stdout.strip() == "False", r.stderr
+
+
+# ----------------------------------------------------------------- labels by class name
+
+
+def _val_only(folder: str, dest, drop: str | None = None, add: str | None = None) -> str:
+    """A copy of the folder's val/ alone (no train/), less class ``drop``, plus a class
+    folder ``add`` holding a copy of the first class's images."""
+    shutil.copytree(os.path.join(folder, "val"), dest / "val")
+    if drop:
+        shutil.rmtree(dest / "val" / drop)
+    if add:
+        shutil.copytree(dest / "val" / CLASSES[0], dest / "val" / add)
+    return str(dest)
+
+
+def test_scoring_needs_no_train_split_and_labels_follow_the_checkpoint(ckpt, multi, folder,
+                                                                     tmp_path, capsys):
+    """A checkpoint scores a root holding only val/ (ImageNet's validation set alone) with
+    the labels it learned: its stored class names, not the folders' order. With "bee"
+    missing from val/, "cow" must stay label 2: the counts of ant and cow are those of the
+    full split, class by class; folder order would have scored cow images as bee."""
+    whole = multi["protocols"]["center"]
+    def center(root: str) -> dict:
+        return eval_cli.evaluate_checkpoint(ckpt, None, [f"data.root={root}"], ["center"],
+                                            per_class=True)["protocols"]["center"]
+    full = center(_val_only(folder, tmp_path / "a"))
+    assert (full["n"], full["top1"], full["top5"]) == (whole["n"], whole["top1"], whole["top5"])
+    assert full["loss"] == pytest.approx(whole["loss"], rel=1e-9)
+    part = center(_val_only(folder, tmp_path / "b", drop="bee"))
+    rows = {r["name"]: r for r in part["per_class"]}
+    want = {r["name"]: r for r in whole["per_class"]}
+    assert part["n"] == 2 * VAL_PER_CLASS and rows["bee"]["n"] == 0
+    for name in ("ant", "cow"):
+        assert (rows[name]["n"], rows[name]["correct"]) == (want[name]["n"], want[name]["correct"])
+    capsys.readouterr()
+    extra = _val_only(folder, tmp_path / "c", add="dog")
+    assert eval_cli.main(["--checkpoint", ckpt, f"data.root={extra}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "class folders not in the training split: dog" in err[0], err
+
+
+def test_weights_without_train_split_label_by_val_folders(ckpt, multi, folder, tmp_path, capsys):
+    """A plain state dict holds no class names: on a root with no train/, val/'s sorted
+    folders give the labels, and one line says so."""
+    c = torch.load(ckpt, weights_only=True)
+    plain, cfg = tmp_path / "plain.pt", tmp_path / "run.yaml"
+    torch.save(c["model"], plain)
+    cfg.write_text(dump(from_dict(c["config"])))
+    root, out = _val_only(folder, tmp_path / "v"), tmp_path / "w.json"
+    assert eval_cli.main(["--weights", str(plain), "--arch", "resnet20", "--config", str(cfg),
+                          f"data.root={root}", "--json", str(out)]) == 0
+    got, one = json.loads(out.read_text())["protocols"]["center"], multi["protocols"]["center"]
+    assert (got["n"], got["top1"], got["top5"]) == (one["n"], one["top1"], one["top5"])
+    err = capsys.readouterr().err
+    assert f"{os.path.join(root, 'train')} not found: the labels follow the class folders" in err
+
+
+def test_resume_refuses_data_whose_classes_changed(ckpt, folder, tmp_path, capsys):
+    """Same number of classes, one renamed: the fc still fits, so only the stored names
+    can tell that label 1 would now mean another class. Refused in one line, and the
+    run's checkpoints are left as they were."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(os.path.dirname(os.path.dirname(ckpt)), run_dir)
+    moved = tmp_path / "data"
+    shutil.copytree(folder, moved)
+    for split in ("train", "val"):
+        os.rename(moved / split / "bee", moved / split / "bat")
+    before = (run_dir / "checkpoints" / "last.pt").read_bytes()
+    capsys.readouterr()
+    args = _train_args(str(moved), str(run_dir))
+    assert train_cli.main([a for a in args if not a.startswith("train.epochs")]
+                          + ["train.epochs=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "its classes are not the checkpoint's 3 (missing bee; new bat)" \
+        in err[0], err
+    assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before

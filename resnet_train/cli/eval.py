@@ -108,6 +108,7 @@ class Subject:
     norm: dict | None                    # a checkpoint's normalization entry; None: the config's
     load: Callable[[nn.Module], None]    # puts the weights into a built model (strict)
     about: dict                          # checkpoint / weights / from / step, for the report
+    classes: list[str] | None = None     # a checkpoint's class names: the labels it learned
 
 
 def checkpoint_subject(path: str, config: str | None = None,
@@ -124,7 +125,7 @@ def checkpoint_subject(path: str, config: str | None = None,
 
     about = {"checkpoint": os.path.abspath(path), "weights": None, "from": None,
              "epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step")}
-    return Subject(cfg, ckpt.get("normalization"), load, about)
+    return Subject(cfg, ckpt.get("normalization"), load, about, ckpt.get("classes"))
 
 
 def weights_subject(spec: str, arch: str | None, config: str | None,
@@ -177,8 +178,9 @@ def score(subject: Subject, protocols: list[str] | None = None,
           per_class: bool = False) -> dict:
     """Score ``subject`` under each protocol (default: data.val.protocol) on every rank.
 
-    The model and the data (with the subject's normalisation: no rescan of the training
-    set) are built once; each further protocol gets a validation loader of its own."""
+    The model and the data (with the subject's normalisation and class names: no walk of
+    the training split) are built once; each further protocol gets a validation loader of
+    its own."""
     from .. import distributed as dist_utils
     from ..data import build_data
     from ..runtime import build_model_for, configure_threads, device_kind, resolve_runtime
@@ -190,18 +192,21 @@ def score(subject: Subject, protocols: list[str] | None = None,
     try:
         runtime = resolve_runtime(cfg, info.local_rank)
         configure_threads(cfg, runtime.device)
-        data = build_data(cfgs[0], runtime.device, info.rank, info.world, norm=subject.norm)
-        loaders = [data.train, data.val]
+        data = build_data(cfgs[0], runtime.device, info.rank, info.world, norm=subject.norm,
+                          classes=subject.classes, eval_only=True)
+        loaders = []  # the further protocols' loaders
         try:
             model = build_model_for(cfg, data.num_classes, runtime)
             subject.load(model)
             for i, (protocol, pcfg) in enumerate(zip(protocols, cfgs, strict=True)):
                 # other protocols than the first: only folder datasets have them (refused above)
                 loader = data.val if i == 0 else data.val_for(protocol)
-                loaders.append(loader)
+                if i:
+                    loaders.append(loader)
                 results[protocol] = score_protocol(model, loader, data.val_prep, pcfg,
                                                    runtime, info, data.num_classes, per_class)
         finally:
+            data.close()
             for loader in loaders:
                 loader.close()
         return report(subject, results, data.info.get("classes"))

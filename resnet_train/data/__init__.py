@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from ..config import Config
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 
 
 class Loader:
@@ -52,6 +52,11 @@ class DataBundle:
     # protocol -> a loader of the validation split under it (folder datasets: resnet-eval
     # scores several protocols without scanning the splits again)
     val_for: Callable[[str], Loader] | None = None
+
+    def close(self) -> None:
+        for loader in (self.train, self.val, self.final):
+            if loader is not None:
+                loader.close()
 
 
 def final_val_config(cfg: Config):
@@ -105,6 +110,16 @@ class Normalization:
                 prep.set_stats(state["mean"], state["std"])
 
 
+def class_mismatch(where: str, found: list[str], classes: list[str]) -> str:
+    """The one line for a split whose class folders are not the checkpoint's classes."""
+    gone, new = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+    what = [f"missing {', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}" if gone else "",
+            f"new {', '.join(new[:3])}{' ...' if len(new) > 3 else ''}" if new else ""]
+    return (f"{where}: its classes are not the checkpoint's {len(classes)} "
+            f"({'; '.join(w for w in what if w) or 'same names, another order'}): the labels "
+            f"would mean other classes")
+
+
 def stored_stats(cfg: Config, norm: dict | None):
     """(mean, std) of a checkpoint's normalization entry if it is for this config's
     ``data.normalize``, else None (compute them)."""
@@ -114,10 +129,13 @@ def stored_stats(cfg: Config, norm: dict | None):
 
 
 def build_data(cfg: Config, device: torch.device, rank: int = 0, world: int = 1,
-               run_dir: str | None = None, norm: dict | None = None) -> DataBundle:
+               run_dir: str | None = None, norm: dict | None = None,
+               classes: list[str] | None = None, eval_only: bool = False) -> DataBundle:
     """The train and validation loaders and on-device preparation for ``cfg.data``.
     ``norm``: a checkpoint's ``normalization`` entry, used instead of computing the mean
-    (and std) again."""
+    (and std) again. ``eval_only`` (resnet-eval): ``train`` may be None, and an image folder
+    takes its labels from ``classes`` (a checkpoint's) without walking train/; any other
+    dataset whose classes differ from ``classes`` is refused."""
     if cfg.data.batch_size % world:
         raise ConfigError(f"data.batch_size: global batch {cfg.data.batch_size} is not divisible "
                           f"by the world size {world}")
@@ -131,7 +149,13 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world: int = 1,
     check_view_protocol(cfg.data.dataset, cfg.data.val.protocol, "data.val.protocol")
     if final is not None:
         check_view_protocol(cfg.data.dataset, final.protocol, "data.val.final_protocol")
-    bundle = builder(cfg, device, rank, world, run_dir, stored)
+    folder = module == "folder"
+    bundle = builder(cfg, device, rank, world, run_dir, stored,
+                     **({"classes": classes, "eval_only": eval_only} if folder else {}))
+    found = bundle.info.get("classes")
+    if classes is not None and found is not None and list(found) != list(classes):
+        bundle.close()
+        raise DataError(class_mismatch(f"data.dataset {cfg.data.dataset}", found, classes))
     if stored is not None:  # (only the folder builder needs them up front, to skip its scan)
         for prep in (bundle.train_prep, bundle.val_prep):
             prep.set_stats(*stored)
