@@ -98,6 +98,10 @@ class RunConfig:
         None, "intra-op CPU threads of each process; default: OMP_NUM_THREADS if set, else on "
         "CPU with folder data the usable cores minus data.workers (>= 1), else torch's default",
         resume="safe", min=1)
+    keep_host_memory: bool = opt(
+        True, "on CPU (glibc): freed tensor memory stays in the process instead of being "
+        "faulted in again every step (faster; the resident size stays at its peak)",
+        resume="safe")
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from .engine import (SCALER_CALIBRATION, Meter, Timer, TrainStep, evaluate, prec
                      scorer_for, stage_groups)
 from .errors import ConfigError, EnvironmentFailure, ResnetTrainError, UserError
 from .logging import Progress, RunLogger, say
-from .runtime import (AMP_NAMES, build_model_for, configure_threads, device_kind,
-                      resolve_runtime)
+from .runtime import (AMP_NAMES, build_model_for, configure_host_memory, configure_threads,
+                      device_kind, resolve_runtime)
 
 PREEMPTED_EXIT = 3  # stopped by a signal after saving last.pt; the same command resumes
 
@@ -134,6 +134,7 @@ class Trainer:
         cfg, info = self.cfg, self.info
         self.runtime = resolve_runtime(cfg, info.local_rank)
         self.threads = configure_threads(cfg, self.runtime.device)
+        self.host_memory_kept = configure_host_memory(cfg, self.runtime.device)
         self.ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
         resume_path, ckpt = self._find_resume()
         if ckpt is not None and self._is_complete(ckpt):
@@ -316,7 +317,7 @@ class Trainer:
         return (f"{self.cfg.model.arch} ({n_params:,} params) on {self.data.train.num_samples} "
                 f"images, {self.data.num_classes} classes | {rt.device} x{self.info.world}, "
                 f"{AMP_NAMES[rt.amp_dtype]}, channels_last={rt.channels_last}, "
-                f"{self.threads} threads | "
+                f"{self.threads} threads{', host memory kept' if self.host_memory_kept else ''} | "
                 f"{-(-self.state.total_steps // self.steps_per_epoch)} epochs x "
                 f"{self.steps_per_epoch} steps, global batch {self.cfg.data.batch_size} | "
                 f"run dir {self.cfg.run_dir}")

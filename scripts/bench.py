@@ -920,7 +920,7 @@ def folder_train_run(args, root: str, base: str, workers: int, threads: int | No
         over.append(f"run.threads={threads}")
     env = {k: v for k, v in cli_env().items() if k != "OMP_NUM_THREADS"}
     _, recs, text = train_run([*TRAIN_CLI, *over], run_dir, args.timeout, env)
-    used = re.search(r", (\d+) threads \|", text)  # the banner: "..., N threads | ..."
+    used = re.search(r", (\d+) threads\b", text)  # the banner: "..., N threads[, ...] | ..."
     return {"images_per_s": recs[-1]["images_per_sec"],
             "data_wait_frac": recs[-1].get("data_wait_frac"),
             "main_threads": int(used.group(1)) if used else None}

@@ -241,7 +241,8 @@ def test_every_key_is_classified_for_resume():
                  + [k for k in keys if k.split(".")[0] in ("optim", "schedule")]
                  + [k for k in keys if k.startswith("data.train.")],
         "safe": ["run.name", "run.dir", "run.deterministic", "run.device", "run.log_every",
-                 "run.progress", "run.threads", "run.diagnostics_every", "model.log_block_norms",
+                 "run.progress", "run.threads", "run.keep_host_memory",
+                 "run.diagnostics_every", "model.log_block_norms",
                  "data.root",
                  "data.workers",
                  "data.train_dir", "data.val_dir", "data.download", "data.on_bad_image",

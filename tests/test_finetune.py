@@ -1,7 +1,10 @@
 """Starting from weights: model.weights, model.freeze, optim.backbone_lr_scale, the folder
 holdout (data.val_fraction); and the configs that ship with the package."""
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -178,6 +181,44 @@ def test_cpu_threads_leave_the_loader_workers_their_cores(monkeypatch):
         assert runtime.configure_threads(folder, cpu) == before
     finally:
         torch.set_num_threads(before)
+
+
+KEEP_PROBE = """
+import json, resource, torch
+from resnet_train import runtime
+from resnet_train.config import load_config
+
+def faults_per_round():  # a step's pattern: a large buffer allocated, written, freed
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        t = torch.empty(64 << 20, dtype=torch.uint8)
+        t.fill_(1)
+        del t
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 4
+
+cpu, on = torch.device("cpu"), load_config(None, [])
+off = load_config(data={"run": {"keep_host_memory": False}})
+refused = [runtime.configure_host_memory(off, cpu),
+           runtime.configure_host_memory(on, torch.device("cuda"))]  # (the type only)
+before = faults_per_round()
+kept = runtime.configure_host_memory(on, cpu)
+faults_per_round()  # the heap grows once
+print(json.dumps({"refused": refused, "kept": kept, "before": before,
+                  "after": faults_per_round()}))
+"""
+
+
+def test_kept_host_memory_is_not_faulted_in_again_each_step():
+    """glibc unmaps a freed 64 MiB block, so each allocation faults its 16,384 pages in
+    again; once kept, the heap serves it with no fault. In a fresh process: the suite's
+    own training runs have already set this one."""
+    r = subprocess.run([sys.executable, "-c", KEEP_PROBE], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["refused"] == [False, False] and got["kept"] is True
+    assert got["before"] >= 16000, got  # every page of the block, every round
+    assert got["after"] < 100, got
 
 
 # --------------------------------------------------------------------------- model.weights

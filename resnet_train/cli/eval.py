@@ -183,7 +183,8 @@ def score(subject: Subject, protocols: list[str] | None = None,
     its own."""
     from .. import distributed as dist_utils
     from ..data import build_data
-    from ..runtime import build_model_for, configure_threads, device_kind, resolve_runtime
+    from ..runtime import (build_model_for, configure_host_memory, configure_threads,
+                           device_kind, resolve_runtime)
     cfg = subject.cfg
     protocols = list(dict.fromkeys(protocols or [cfg.data.val.protocol]))
     cfgs = [protocol_config(cfg, p) for p in protocols]  # every refusal before any pass
@@ -192,6 +193,7 @@ def score(subject: Subject, protocols: list[str] | None = None,
     try:
         runtime = resolve_runtime(cfg, info.local_rank)
         configure_threads(cfg, runtime.device)
+        configure_host_memory(cfg, runtime.device)
         data = build_data(cfgs[0], runtime.device, info.rank, info.world, norm=subject.norm,
                           classes=subject.classes, eval_only=True)
         loaders = []  # the further protocols' loaders
