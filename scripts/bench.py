@@ -584,7 +584,8 @@ def _step_config(args):
     from resnet_train.config import load_config
     over = [f"model.arch={args.arch}", f"data.batch_size={args.batch}",
             f"train.amp={args.amp}", f"train.channels_last={args.channels_last}",
-            f"run.device={args.device}", f"train.compile={str(args.compile).lower()}"]
+            f"run.device={args.device}", f"train.compile={str(args.compile).lower()}",
+            f"run.keep_host_memory={str(not args.no_keep_host_memory).lower()}"]
     if args.width:
         over.append(f"model.width={args.width}")
     return load_config(None, over)
@@ -672,10 +673,11 @@ def cmd_step(args) -> int:
     """images/s of our step vs the bare loop, alternating timed windows in one process."""
     t0, threads = time.perf_counter(), thread_settings()
     print_threads(threads)
-    from resnet_train.runtime import resolve_runtime
+    from resnet_train.runtime import configure_host_memory, resolve_runtime
     cfg = _step_config(args)
     runtime = resolve_runtime(cfg)
     device = runtime.device
+    kept = configure_host_memory(cfg, device)  # as the CLI does; both loops share it
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as Trainer.fit sets it
     gen = torch.Generator(device=device).manual_seed(0)
@@ -683,11 +685,13 @@ def cmd_step(args) -> int:
                                    device=device, generator=gen))
     y = torch.randint(args.classes, (args.batch,), device=device, generator=gen)
     print(f"step: {args.arch} {args.image_size}px batch {args.batch}, {runtime.describe()}, "
-          f"compile={args.compile}, {args.steps} steps a round after {args.warmup} warm-up "
+          f"compile={args.compile}, host memory kept={kept}, {args.steps} steps a round after "
+          f"{args.warmup} warm-up "
           f"steps; bare loop SGD {'fused' if args.bare_fused else 'default (foreach/for-loop)'}",
           flush=True)
     steps = {"ours": build_ours(args, cfg, runtime), "bare": build_bare(args, cfg, runtime)}
-    extra: dict = {"runtime": runtime.describe(), **_warm_up(args, steps, x, y, device),
+    extra: dict = {"runtime": runtime.describe(), "host_memory_kept": kept,
+                   **_warm_up(args, steps, x, y, device),
                    "host_reads_per_step": {}, "cuda_syncs_per_step": {}}
 
     def timed(name):
@@ -1144,6 +1148,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"))
     s.add_argument("--channels-last", default="auto", choices=("auto", "true", "false"))
     s.add_argument("--compile", action="store_true", help="torch.compile both models")
+    s.add_argument("--no-keep-host-memory", action="store_true",
+                   help="glibc's default malloc for both loops (the CLI keeps freed memory)")
     s.add_argument("--bare-fused", action="store_true",
                    help="the bare loop's SGD fused too (isolates the step's own overhead)")
     s.add_argument("--steps", type=int, default=20, help="timed steps a round")
