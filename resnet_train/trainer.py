@@ -119,10 +119,7 @@ class Trainer:
         if self.logger is not None:
             self.logger.close()
         if self.data is not None:
-            self.data.train.close()
-            self.data.val.close()
-            if self.data.final is not None:
-                self.data.final.close()
+            self.data.close()
         for name in ("train_step", "state", "model", "data", "schedule", "epoch_meter",
                      "window_meter"):
             self.__dict__.pop(name, None)

@@ -196,21 +196,21 @@ def score(subject: Subject, protocols: list[str] | None = None,
         configure_host_memory(cfg, runtime.device)
         data = build_data(cfgs[0], runtime.device, info.rank, info.world, norm=subject.norm,
                           classes=subject.classes, eval_only=True)
-        loaders = []  # the further protocols' loaders
         try:
             model = build_model_for(cfg, data.num_classes, runtime)
             subject.load(model)
             for i, (protocol, pcfg) in enumerate(zip(protocols, cfgs, strict=True)):
                 # other protocols than the first: only folder datasets have them (refused above)
                 loader = data.val if i == 0 else data.val_for(protocol)
-                if i:
-                    loaders.append(loader)
-                results[protocol] = score_protocol(model, loader, data.val_prep, pcfg,
-                                                   runtime, info, data.num_classes, per_class)
+                try:
+                    results[protocol] = score_protocol(model, loader, data.val_prep, pcfg,
+                                                       runtime, info, data.num_classes,
+                                                       per_class)
+                finally:
+                    if loader is not data.val:  # its workers go before the next protocol's
+                        loader.close()
         finally:
             data.close()
-            for loader in loaders:
-                loader.close()
         return report(subject, results, data.info.get("classes"))
     finally:
         del model  # before the process group goes (see Trainer._release)

@@ -149,13 +149,14 @@ def build_data(cfg: Config, device: torch.device, rank: int = 0, world: int = 1,
     check_view_protocol(cfg.data.dataset, cfg.data.val.protocol, "data.val.protocol")
     if final is not None:
         check_view_protocol(cfg.data.dataset, final.protocol, "data.val.final_protocol")
-    folder = module == "folder"
-    bundle = builder(cfg, device, rank, world, run_dir, stored,
-                     **({"classes": classes, "eval_only": eval_only} if folder else {}))
+    # only an image folder can label by names or skip its training split
+    extra = {"classes": classes, "eval_only": eval_only} if module == "folder" else {}
+    bundle = builder(cfg, device, rank, world, run_dir, stored, **extra)
     found = bundle.info.get("classes")
     if classes is not None and found is not None and list(found) != list(classes):
         bundle.close()
-        raise DataError(class_mismatch(f"data.dataset {cfg.data.dataset}", found, classes))
+        raise DataError(class_mismatch(cfg.data.root or f"data.dataset {cfg.data.dataset}",
+                                       found, classes))
     if stored is not None:  # (only the folder builder needs them up front, to skip its scan)
         for prep in (bundle.train_prep, bundle.val_prep):
             prep.set_stats(*stored)

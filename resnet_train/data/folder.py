@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import ConfigError, DataError
-from . import DataBundle, Loader, class_mismatch, final_val_config
+from . import DataBundle, Loader, final_val_config
 from .geometry import (Crop, crop_box_center, crop_box_full, crop_box_paper, crop_box_resized,
                        crop_box_rrc)
 from .device_decode import FIXED_SIZE, Encoded, decode_on_device
@@ -478,17 +478,15 @@ def scan_splits(d, warn) -> tuple[list[str], tuple, tuple]:
 
 def eval_splits(d, classes, need_train: bool, warn) -> tuple[list[str], tuple | None, tuple]:
     """``scan_splits`` for scoring only: the validation split and its label mapping, with
-    train/ walked only when its files are needed (a holdout, or a mean to compute).
+    train/ walked only when its files are needed (a holdout, or a mean to compute); its
+    training split is then None.
 
     The mapping is ``classes`` (the checkpoint's: its labels are what the model learned),
     else train/'s folder names, else, where there is no train/ (a machine that holds only
     ImageNet's val/), val/'s own: one line says so, since a class missing from val/ then
     shifts every label after it (the model's head size still has to match)."""
-    if d.val_fraction > 0 or need_train:
-        found, train, val = scan_splits(d, warn)
-        if classes is not None and list(classes) != found:
-            raise DataError(class_mismatch(os.path.join(d.root, d.train_dir), found, classes))
-        return found, train, val
+    if d.val_fraction > 0 or need_train:  # (build_data compares the names with ``classes``)
+        return scan_splits(d, warn)
     if classes is None:
         train_dir = os.path.join(d.root, d.train_dir)
         if os.path.isdir(train_dir):
@@ -503,6 +501,29 @@ def eval_splits(d, classes, need_train: bool, warn) -> tuple[list[str], tuple | 
     return classes, None, (val_paths, val_labels)
 
 
+def folder_splits(cfg, rank: int, stored, classes, eval_only: bool):
+    """(classes, train paths, train labels, val paths, val labels) of ``cfg.data``, the
+    training split (None, None) when ``eval_only`` did not need it; checked against
+    data.num_classes and, for training, data.batch_size."""
+    d = cfg.data
+    if not d.root or not os.path.isdir(d.root):
+        raise DataError(f"{d.root}: data root directory not found")
+    warn = warn_stderr if rank == 0 else _quiet
+    if eval_only:
+        need_mean = stored is None and d.normalize == "pixel_mean"
+        classes, train, val = eval_splits(d, classes, need_mean, warn)
+    else:
+        classes, train, val = scan_splits(d, warn)
+    if d.num_classes is not None and d.num_classes != len(classes):
+        raise ConfigError(f"data.num_classes: {d.num_classes} does not match "
+                          f"{os.path.join(d.root, d.train_dir)}: {len(classes)} class folders")
+    train = train or (None, None)
+    if not eval_only and len(train[0]) < d.batch_size:
+        raise ConfigError(f"data.batch_size: {d.batch_size} is larger than the training split "
+                          f"({len(train[0])} images)")
+    return classes, *train, *val
+
+
 def build_folder(cfg, device, rank: int, world: int, run_dir=None,
                  stored=None, classes=None, eval_only: bool = False) -> DataBundle:
     """ImageNet or any folder of class folders; the val loader follows data.val.protocol.
@@ -510,23 +531,9 @@ def build_folder(cfg, device, rank: int, world: int, run_dir=None,
     ``eval_only``: no training loader (``train`` is None) and no walk of train/ unless
     needed; ``classes`` (a checkpoint's) then fixes the labels."""
     d, t = cfg.data, cfg.data.train
-    if not d.root or not os.path.isdir(d.root):
-        raise DataError(f"{d.root}: data root directory not found")
-    warn = warn_stderr if rank == 0 else _quiet
-    if eval_only:
-        need_mean = stored is None and d.normalize == "pixel_mean"
-        classes, train_split, (val_paths, val_labels) = eval_splits(d, classes, need_mean, warn)
-    else:
-        classes, train_split, (val_paths, val_labels) = scan_splits(d, warn)
-    k = len(classes)
-    if d.num_classes is not None and d.num_classes != k:
-        raise ConfigError(f"data.num_classes: {d.num_classes} does not match "
-                          f"{os.path.join(d.root, d.train_dir)}: {k} class folders")
-    train_paths, train_labels = train_split or (None, None)
-    n = 0 if train_paths is None else len(train_paths)
-    if not eval_only and n < d.batch_size:
-        raise ConfigError(f"data.batch_size: {d.batch_size} is larger than the training split "
-                          f"({n} images)")
+    classes, train_paths, train_labels, val_paths, val_labels = folder_splits(
+        cfg, rank, stored, classes, eval_only)
+    k, n = len(classes), 0 if train_paths is None else len(train_paths)
     seed, local = cfg.run.seed, d.batch_size // world
     train = None if eval_only else make_loader(
         train_paths, train_labels, train_geometry(cfg), cfg,
