@@ -1,5 +1,10 @@
 #!/usr/bin/env bash
-# The whole test suite (CPU, about 3-4 minutes on 2 cores). Extra arguments go to pytest.
+# The whole test suite (CPU, about 3 minutes on 2 cores). Extra arguments go to pytest.
+# Two pytest workers (pytest-xdist), each taking whole files (module fixtures run once), and
+# one OpenMP thread per process: the workers, and the training processes the tests start,
+# share the cores without spin-waiting threads. Measured on 2 cores: 182 s this way, 275 s
+# with one worker, 415 s with two workers of 2 threads each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python -m pytest -q tests "$@"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+exec python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile tests "$@"
