@@ -20,6 +20,9 @@ from .helpers import tiny
 # blocking copy on CUDA). On the CPU nothing waits, but the same calls are the syncs there.
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu")
 MAKERS = ("tensor", "as_tensor")
+# The device of the step-level tests: CUDA where there is one (scripts/gpu_check.sh runs
+# them there), so the on-device skip is tested on the device it is written for.
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @contextlib.contextmanager
@@ -107,15 +110,19 @@ def _tiny_step(world: int = 1, scaler=None, accum: int = 1, bn: bool = False):
     torch.manual_seed(0)
     layers = [torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)] if bn else []
     model = torch.nn.Sequential(*layers, torch.nn.Flatten(), torch.nn.LazyLinear(3))
-    model(torch.randn(2, 3, 2, 2))
+    model.to(DEV)(torch.randn(2, 3, 2, 2, device=DEV))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
     for p in model.parameters():
         opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
     head = list(model.parameters())[-1]
-    rt = Runtime(torch.device("cpu"), None, False)
+    rt = Runtime(DEV, None, False)
     step = TrainStep(model, opt, scaler, rt, accum, 0.0, probe=head,
                      buffers=list(model.buffers()), distributed=world > 1)
     return model, opt, step, head
+
+
+def _batch(n: int = 4):
+    return torch.randn(n, 3, 2, 2, device=DEV), torch.arange(n, device=DEV) % 3
 
 
 def _snapshot(model):
@@ -126,7 +133,7 @@ def test_a_poisoned_step_changes_nothing_and_is_counted():
     """A NaN input: weights, momentum and BatchNorm statistics stay exactly as they were;
     the stats say skipped (and count nothing else); a good step then moves everything."""
     model, opt, step, _ = _tiny_step(bn=True)
-    x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    x, y = _batch()
     step(x, y)  # one good step: momentum buffers are non-zero from here
     before = _snapshot(model)
     momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
@@ -153,7 +160,7 @@ def test_ddp_ranks_skip_a_poisoned_step_alike():
         # what the all-reduce would deliver when another rank's loss was NaN
         head.register_hook(lambda g: torch.full_like(g, float("nan")))
         before = _snapshot(model)
-        stats = step(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0]))
+        stats = step(*_batch())
         assert stats[4].item() == 1 and stats[3].item() == 0
         assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model), strict=True))
 
@@ -161,11 +168,11 @@ def test_ddp_ranks_skip_a_poisoned_step_alike():
 def test_fp16_scaler_skip_is_the_scalers_decision():
     """With a GradScaler the step is skipped when the scaler found inf/nan in any gradient
     (from the all-reduced gradients, so alike on every rank); its scale halves."""
-    scaler = torch.amp.GradScaler("cpu")
+    scaler = torch.amp.GradScaler(DEV.type)
     model, _, step, head = _tiny_step(2, scaler=scaler)
     poison = {"on": True}
     head.register_hook(lambda g: torch.full_like(g, float("nan")) if poison["on"] else g)
-    x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    x, y = _batch()
     before = _snapshot(model)
     assert step(x, y)[4].item() == 1 and scaler.get_scale() == 2.0 ** 15
     assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model), strict=True))
@@ -176,7 +183,7 @@ def test_fp16_scaler_skip_is_the_scalers_decision():
 
 def test_accumulated_step_counts_every_micro_batch():
     _, _, step, _ = _tiny_step(accum=2)
-    stats = step(torch.randn(8, 3, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    stats = step(*_batch(8))
     assert stats[3].item() == 8 and 0 <= stats[1].item() <= stats[2].item() <= 8
 
 
@@ -218,7 +225,7 @@ def test_grad_norms_per_stage_are_the_steps_gradients():
     groups = engine.stage_groups(model)
     assert sorted(groups) == ["0", "1", "3"]  # top-level names of the Sequential
     step.grad_groups = groups
-    x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    x, y = _batch()
     import copy
     twin = copy.deepcopy(model)
     torch.nn.functional.cross_entropy(twin(x), y).backward()
