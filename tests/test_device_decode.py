@@ -87,3 +87,25 @@ def test_a_corrupt_jpeg_sends_its_batch_the_cpu_way(photos, tmp_path):
 def test_device_decode_is_for_jpeg_folders():
     with pytest.raises(ConfigError, match="data.decode: device decodes JPEG folders"):
         load_config(data={"data": {"decode": "device"}})
+
+
+def test_without_torchvisions_jpeg_decoder_pil_decodes_and_says_so(photos, monkeypatch,
+                                                                   capsys):
+    """A torchvision without torchvision.io.decode_jpeg (deprecated from 0.29): the CPU path
+    decodes through PIL, the same samples and nearly the same pixels, with one note line;
+    data.decode=device is a config error naming the key."""
+    from resnet_train.data import jpeg
+    with_tv, _ = batches(cfg(photos))
+    assert "decode_jpeg" not in capsys.readouterr().err
+    monkeypatch.setattr(jpeg, "_jpeg_decoder", lambda: None)
+    with pytest.raises(ConfigError, match=r"data\.decode: device needs torchvision\.io\."
+                                          r"decode_jpeg \(torchvision .* has no "):
+        build_data(cfg(photos, decode="device"), torch.device("cpu"))
+    with_pil, _ = batches(cfg(photos))
+    err = capsys.readouterr().err
+    assert err.count("note: torchvision") == 1 and "decoded by PIL instead" in err, err
+    assert [y.tolist() for _, y in with_pil] == [y.tolist() for _, y in with_tv]
+    diff = torch.cat([(a.float() - b.float()).abs().flatten()
+                      for (a, _), (b, _) in zip(with_pil, with_tv, strict=True)])
+    # measured: 0.008 grey levels mean, 1 at most (not 0: PIL really decoded them)
+    assert 0 < diff.mean() < 0.1 and diff.max() <= 2, (diff.mean(), diff.max())

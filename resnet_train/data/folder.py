@@ -30,7 +30,7 @@ from . import DataBundle, Loader, final_val_config
 from .geometry import (Crop, crop_box_center, crop_box_full, crop_box_paper, crop_box_resized,
                        crop_box_rrc)
 from .device_decode import FIXED_SIZE, Encoded, decode_on_device
-from .jpeg import _jpeg_sof, load_crop
+from .jpeg import _jpeg_sof, load_crop, torch_decoder_missing
 from .prep import IMAGENET_MEAN, IMAGENET_STD, DevicePrep
 from .sampling import (epoch_permutation, mix_seed, train_batch_indices, train_steps_per_epoch,
                        val_shard)
@@ -524,6 +524,20 @@ def folder_splits(cfg, rank: int, stored, classes, eval_only: bool):
     return classes, *train, *val
 
 
+def check_decoder(d, rank: int) -> None:
+    """Without torchvision's JPEG decoder: data.decode=device is a config error; the CPU
+    path still works through PIL, slower, and rank 0 says so in one line."""
+    missing = torch_decoder_missing()
+    if missing is None:
+        return
+    if d.decode == "device":
+        raise ConfigError(f"data.decode: device needs torchvision.io.decode_jpeg ({missing}); "
+                          f"use data.decode=cpu")
+    if rank == 0:
+        warn_stderr(f"note: {missing}: JPEGs are decoded by PIL instead (the same crops, "
+                    f"about 1.3x the CPU time)")
+
+
 def build_folder(cfg, device, rank: int, world: int, run_dir=None,
                  stored=None, classes=None, eval_only: bool = False) -> DataBundle:
     """ImageNet or any folder of class folders; the val loader follows data.val.protocol.
@@ -531,6 +545,7 @@ def build_folder(cfg, device, rank: int, world: int, run_dir=None,
     ``eval_only``: no training loader (``train`` is None) and no walk of train/ unless
     needed; ``classes`` (a checkpoint's) then fixes the labels."""
     d, t = cfg.data, cfg.data.train
+    check_decoder(d, rank)
     classes, train_paths, train_labels, val_paths, val_labels = folder_splits(
         cfg, rank, stored, classes, eval_only)
     k, n = len(classes), 0 if train_paths is None else len(train_paths)

@@ -109,6 +109,15 @@ def load_crop(path: str, choose, draft: bool = False) -> np.ndarray:
     return _pil_crop(io.BytesIO(data), choose, draft)
 
 
+def torch_decoder_missing() -> str | None:
+    """None, or why JPEGs go through PIL here: torchvision.io.decode_jpeg (deprecated from
+    0.29 in favour of TorchCodec) is gone from this torchvision."""
+    if _jpeg_decoder() is not None:
+        return None
+    import torchvision
+    return f"torchvision {torchvision.__version__} has no torchvision.io.decode_jpeg"
+
+
 @functools.lru_cache(maxsize=1)
 def _jpeg_decoder():
     """torchvision's libjpeg-turbo decoder, or None where this torchvision has none."""
