@@ -1102,20 +1102,14 @@ def cmd_summarize(args) -> int:
 # =========================================================================== main
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    sub = p.add_subparsers(dest="command", required=True)
+def _common(sp, rounds: int):
+    sp.add_argument("--rounds", type=int, default=rounds, help="alternating rounds")
+    sp.add_argument("--json", metavar="OUT", help="write the results here")
+    sp.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    return sp
 
-    def common(sp, rounds: int):
-        sp.add_argument("--rounds", type=int, default=rounds, help="alternating rounds")
-        sp.add_argument("--json", metavar="OUT", help="write the results here")
-        sp.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-        return sp
 
-    d = common(sub.add_parser("data", help=cmd_data.__doc__), 3)
-    d.set_defaults(func=cmd_data)
+def _data_args(d) -> None:
     d.add_argument("--pipelines", default="folder,cifar", help="comma list: folder, cifar")
     d.add_argument("--images", type=int, default=384, help="folder: training JPEGs generated")
     d.add_argument("--batch", type=int, default=32, help="folder: batch size")
@@ -1138,8 +1132,8 @@ def parser() -> argparse.ArgumentParser:
                    help="more timed epochs until a round lasts this long")
     d.add_argument("--dir", help="keep/reuse the generated data here")
 
-    s = common(sub.add_parser("step", help=cmd_step.__doc__), 5)
-    s.set_defaults(func=cmd_step)
+
+def _step_args(s) -> None:
     s.add_argument("--arch", default="resnet20")
     s.add_argument("--width", type=int, default=None, help="model.width (tiny tests)")
     s.add_argument("--image-size", type=int, default=32)
@@ -1156,8 +1150,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     s.add_argument("--sync-steps", type=int, default=3, help="steps counting host syncs")
 
-    e = common(sub.add_parser("epoch", help=cmd_epoch.__doc__), 3)
-    e.set_defaults(func=cmd_epoch)
+
+def _epoch_args(e) -> None:
     e.add_argument("--samples", type=int, default=50000, help="training images (CIFAR: 50000)")
     e.add_argument("--val-samples", type=int, default=10000, help="test images")
     e.add_argument("--epochs", type=int, default=1)
@@ -1166,8 +1160,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--timeout", type=float, default=3600, help="seconds per CLI run")
     e.add_argument("--dir", help="keep/reuse the generated data here")
 
-    c = common(sub.add_parser("scaling", help=cmd_scaling.__doc__), 3)
-    c.set_defaults(func=cmd_scaling)
+
+def _scaling_args(c) -> None:
     c.add_argument("--nproc", type=int, default=2, help="N")
     c.add_argument("--arch", default="resnet20")
     c.add_argument("--width", type=int, default=None)
@@ -1180,8 +1174,8 @@ def parser() -> argparse.ArgumentParser:
                         "usable cores / N)")
     c.add_argument("--timeout", type=float, default=1800, help="seconds per torchrun")
 
-    t = common(sub.add_parser("threads", help=cmd_threads.__doc__), 3)
-    t.set_defaults(func=cmd_threads)
+
+def _threads_args(t) -> None:
     t.add_argument("--workers", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2],
                    help="comma list of data.workers (default 0,1,2)")
     t.add_argument("--images", type=int, default=512, help="training JPEGs generated")
@@ -1194,6 +1188,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--timeout", type=float, default=1800, help="seconds per CLI run")
     t.add_argument("--dir", help="keep/reuse the generated data here")
 
+
+def _tool_parsers(sub) -> None:
+    """The subcommands that measure nothing: env, summarize, compare."""
     v = sub.add_parser("env", help=cmd_env.__doc__)
     v.set_defaults(func=cmd_env)
     v.add_argument("--json", metavar="OUT")
@@ -1207,6 +1204,24 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_compare)
     m.add_argument("files", nargs="+", help="JSON files of the same subcommand")
     m.add_argument("--tolerance", type=float, default=0.2, help="max / min - 1 allowed")
+
+
+# the measuring subcommands: (name, function, default rounds, its arguments)
+MEASURES = (("data", cmd_data, 3, _data_args), ("step", cmd_step, 5, _step_args),
+            ("epoch", cmd_epoch, 3, _epoch_args), ("scaling", cmd_scaling, 3, _scaling_args),
+            ("threads", cmd_threads, 3, _threads_args))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, func, rounds, add_args in MEASURES:
+        sp = _common(sub.add_parser(name, help=func.__doc__), rounds)
+        sp.set_defaults(func=func)
+        add_args(sp)
+    _tool_parsers(sub)
     return p
 
 
