@@ -600,14 +600,21 @@ def _description(path: str) -> str:
     return text if len(text) <= 110 else text[:text.rfind(" ", 0, 106)] + " ..."
 
 
-def resolve_config_path(path: str, _from_base: bool = False) -> str:
+def is_bare_name(path: str) -> bool:
+    """No directory part (or the repository's configs/): may name a packaged config."""
+    return os.path.dirname(path) in ("", "configs")
+
+
+def resolve_config_path(path: str, _from_base: bool = False, bare: bool | None = None) -> str:
     """``path`` itself when that file exists; else, for a bare name (no directory part, the
     .yaml optional), the packaged config of that name: a user who installed the package
-    without the repository can still run ``--config imagenet_r50.yaml``."""
+    without the repository can still run ``--config imagenet_r50.yaml``. ``bare``: whether
+    the name as written was bare (a ``base:`` is joined to its file's folder first). A path
+    with a directory never falls back: a mistyped folder would train another recipe."""
     if os.path.isfile(path):
         return os.path.abspath(path)
     name = os.path.basename(path)
-    if os.path.dirname(path) in ("", "configs") or _from_base:
+    if is_bare_name(path) if bare is None else bare:
         for candidate in (name, name + ".yaml"):
             packaged = os.path.join(PACKAGED_DIR, candidate)
             if os.path.isfile(packaged):
@@ -617,10 +624,10 @@ def resolve_config_path(path: str, _from_base: bool = False) -> str:
                       f"lists the packaged ones)")
 
 
-def read_yaml(path: str, _chain: tuple[str, ...] = ()) -> dict:
-    """Read a config file, resolving ``base:`` (relative to the file, else a packaged config
-    of that name) recursively."""
-    path = resolve_config_path(path, bool(_chain))
+def read_yaml(path: str, _chain: tuple[str, ...] = (), bare: bool | None = None) -> dict:
+    """Read a config file, resolving ``base:`` (relative to the file, else, for a bare name,
+    a packaged config of that name) recursively."""
+    path = resolve_config_path(path, bool(_chain), bare)
     if path in _chain:
         raise ConfigError(f"{path}: 'base' inheritance loops back to this file")
     try:
@@ -642,7 +649,7 @@ def read_yaml(path: str, _chain: tuple[str, ...] = ()) -> dict:
         if not isinstance(base, str):
             raise ConfigError(f"{path}: 'base' must be a file path, got {base!r}")
         base_path = os.path.join(os.path.dirname(path), base)
-        data = _merge(read_yaml(base_path, _chain + (path,)), data)
+        data = _merge(read_yaml(base_path, _chain + (path,), is_bare_name(base)), data)
     return data
 
 

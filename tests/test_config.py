@@ -9,7 +9,7 @@ import yaml
 
 from resnet_train.config import (RESUME_CLASSES, Config, ConfigError, ResumeDiff, dump, help_text,
                                  iter_keys, load_config, opt, replace, resume_changes,
-                                 resume_class, resume_notice, resume_refusal, to_dict)
+                                 read_yaml, resume_class, resume_notice, resume_refusal, to_dict)
 
 
 def write(path, text):
@@ -128,6 +128,15 @@ def test_missing_paths(tmp_path):
     path = write(tmp_path / "c.yaml", "base: missing_base.yaml\n")
     with pytest.raises(ConfigError, match="base config file not found: .*missing_base.yaml"):
         load_config(path)
+    # a bare base name not beside the file is the packaged config of that name; a path with
+    # a (mistyped) folder is not found, never silently the packaged file of the same name
+    path = write(tmp_path / "c.yaml", "base: cifar10_paper.yaml\noptim:\n  lr: 0.05\n")
+    data = read_yaml(path)
+    assert data["data"]["dataset"] == "cifar10" and data["optim"]["lr"] == 0.05
+    path = write(tmp_path / "c.yaml", "base: ../team_configs/cifar10_paper.yaml\n")
+    with pytest.raises(ConfigError, match=r"base config file not found: .*team_configs/"
+                                          r"cifar10_paper\.yaml"):
+        read_yaml(path)
     with pytest.raises(ConfigError, match="data.root: directory not found: .*absent"):
         load_config(None, ["data.dataset=imagenet", f"data.root={tmp_path / 'absent'}"])
     with pytest.raises(ConfigError, match="data.root: required"):
