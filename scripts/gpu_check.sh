@@ -79,14 +79,18 @@ part env 60 $B env --require-cuda --json "$O/env.json"
 #   test_no_host_sync_* / test_the_counter_sees_*: 0 host reads per step, and its control
 #   test_*non_finite*: the on-device skip and the stop after train.max_bad_steps
 #   test_*poisoned_step* / test_*micro_batch* / test_grad_norms_*: TrainStep itself on CUDA
+#   test_prep_normalises* / test_pca_lighting* / test_prep_draws_*: DevicePrep on CUDA
+#     (normalisation, PCA lighting and jitter drawn on a CUDA generator)
 #   test_compile_trains_like_eager*: train.compile (with aot_eager; inductor: r50_compiled)
 #   test_a_run_leaves_torch_global_flags*: cudnn.benchmark set during a run, put back after
 #   test_pin_memory_*, test_amp_and_layout_resolution: pinned batches, CUDA's auto choices
 TESTS=${GPU_CHECK_TESTS:-"bf16_channels_last or fp16 or host_sync or counter_sees or \
 non_finite or poisoned_step or micro_batch or grad_norms_per_stage or compile_trains or \
-global_flags or pin_memory or amp_and_layout"}
+global_flags or pin_memory or amp_and_layout or prep_normalises or pca_lighting_equals or \
+prep_draws_per_global"}
 part tests 170 $PY -m pytest -q -p no:cacheprovider --junitxml="$O/tests.xml" \
-  tests/test_training.py tests/test_engine.py tests/test_features.py -k "$TESTS"
+  tests/test_training.py tests/test_engine.py tests/test_features.py tests/test_data.py \
+  -k "$TESTS"
 
 part r50_eager 100 $B step $R50 --warmup 10 --steps 15 --rounds 3 --json "$O/r50_eager.json"
 part r20_step 60 $B step --device cuda --arch resnet20 --batch 128 --warmup 20 --steps 50 \

@@ -18,6 +18,10 @@ from resnet_train.data import prep as P
 from resnet_train.data import views as V
 from resnet_train.data.sampling import mix_seed
 
+# The device of the on-device prep tests: CUDA where there is one (scripts/gpu_check.sh
+# runs them there: the lighting and jitter draws on a CUDA generator).
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def smooth_image(w: int, h: int, seed: int = 0) -> Image.Image:
     """Smooth colour gradients: resampling differences stay small on it."""
@@ -278,31 +282,33 @@ def test_random_resized_crop_ranges():
 
 
 def test_prep_normalises_like_the_formula():
-    x = torch.randint(0, 256, (4, 3, 5, 6), dtype=torch.uint8)
+    x = torch.randint(0, 256, (4, 3, 5, 6), dtype=torch.uint8).to(DEV)
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
-    out = P.DevicePrep(mean, std)(x)
-    ref = ((x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1))
-           / torch.tensor(std).view(1, 3, 1, 1))
+    out = P.DevicePrep(mean, std, device=DEV)(x)
+    ref = ((x.float() / 255 - torch.tensor(mean, device=DEV).view(1, 3, 1, 1))
+           / torch.tensor(std, device=DEV).view(1, 3, 1, 1))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert x.dtype == torch.uint8  # input untouched
     xf = x.float()
-    P.DevicePrep(mean, None)(xf)
+    P.DevicePrep(mean, None, device=DEV)(xf)
     assert torch.equal(xf, x.float())  # a float input is not modified in place either
 
 
 def test_pca_lighting_equals_per_image_loop():
-    x = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8)
+    x = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8).to(DEV)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    prep = P.DevicePrep(mean, std, pca_alpha=0.1)
-    out = prep(x, torch.Generator().manual_seed(5))
-    alpha = torch.randn(6, 3, generator=torch.Generator().manual_seed(5)) * 0.1
-    eigval, eigvec = torch.tensor(P.IMAGENET_EIGVAL), torch.tensor(P.IMAGENET_EIGVEC)
+    prep = P.DevicePrep(mean, std, pca_alpha=0.1, device=DEV)
+    out = prep(x, torch.Generator(DEV).manual_seed(5))
+    alpha = torch.randn(6, 3, generator=torch.Generator(DEV).manual_seed(5), device=DEV) * 0.1
+    eigval = torch.tensor(P.IMAGENET_EIGVAL, device=DEV)
+    eigvec = torch.tensor(P.IMAGENET_EIGVEC, device=DEV)
+    m = torch.tensor(mean, device=DEV).view(3, 1, 1)
+    sd = torch.tensor(std, device=DEV).view(3, 1, 1)
     for i in range(6):
         rgb = sum(eigvec[:, j] * alpha[i, j] * eigval[j] for j in range(3))  # AlexNet eq.
-        ref = (x[i].float() / 255 + rgb.view(3, 1, 1) - torch.tensor(mean).view(3, 1, 1)) \
-            / torch.tensor(std).view(3, 1, 1)
+        ref = (x[i].float() / 255 + rgb.view(3, 1, 1) - m) / sd
         torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(out, P.DevicePrep(mean, std)(x))  # lighting did something
+    assert not torch.allclose(out, P.DevicePrep(mean, std, device=DEV)(x))  # lighting acted
 
 
 def test_prep_channels_last_fast_path_equals_contiguous():
@@ -369,14 +375,15 @@ def test_color_jitter_matches_torchvision_per_image():
 def test_prep_draws_per_global_batch_so_ranks_equal_one_process():
     """Jitter and lighting of a rank's slice are those of the same images in one process's
     full batch: each rank draws for the global batch (same generator seed) and keeps its part."""
-    x = torch.randint(0, 256, (8, 3, 5, 6), dtype=torch.uint8)
+    x = torch.randint(0, 256, (8, 3, 5, 6), dtype=torch.uint8).to(DEV)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-    def prep(rank=0, world=1):
-        return P.DevicePrep(mean, std, pca_alpha=0.1, color_jitter=0.4, rank=rank, world=world)
+    def prep(rank=0, world=1, **kw):
+        kw = kw or dict(pca_alpha=0.1, color_jitter=0.4)
+        return P.DevicePrep(mean, std, rank=rank, world=world, device=DEV, **kw)
 
     def gen():  # what the trainer passes every rank for a step: a rank-independent seed
-        return torch.Generator().manual_seed(mix_seed(7, 0, 3, 0, 2))
+        return torch.Generator(DEV).manual_seed(mix_seed(7, 0, 3, 0, 2))
 
     full = prep()(x, gen())
     ranks = [prep(r, 2)(x[4 * r:4 * r + 4], gen()) for r in range(2)]
@@ -387,11 +394,11 @@ def test_prep_draws_per_global_batch_so_ranks_equal_one_process():
     same = x[:1].expand(8, -1, -1, -1).contiguous()
     out = prep()(same, gen())
     assert all(not torch.allclose(out[0], out[i]) for i in range(1, 8))
-    plain = P.DevicePrep(mean, std)(same)
+    plain = P.DevicePrep(mean, std, device=DEV)(same)
     assert torch.equal(plain[0], plain[7])
     # ... and both augmentations take part (each alone differs from both together).
     for alone in (dict(pca_alpha=0.1), dict(color_jitter=0.4)):
-        assert not torch.allclose(P.DevicePrep(mean, std, **alone)(x, gen()), full)
+        assert not torch.allclose(prep(**alone)(x, gen()), full)
     with pytest.raises(ValueError, match="rank 2"):
         P.DevicePrep(mean, std, rank=2, world=2)
 
