@@ -601,8 +601,9 @@ def _description(path: str) -> str:
 
 
 def is_bare_name(path: str) -> bool:
-    """No directory part (or the repository's configs/): may name a packaged config."""
-    return os.path.dirname(path) in ("", "configs")
+    """No directory part (``./`` aside, or the repository's configs/): may name a packaged
+    config."""
+    return os.path.dirname(os.path.normpath(path)) in ("", "configs")
 
 
 def resolve_config_path(path: str, _from_base: bool = False, bare: bool | None = None) -> str:

@@ -130,9 +130,10 @@ def test_missing_paths(tmp_path):
         load_config(path)
     # a bare base name not beside the file is the packaged config of that name; a path with
     # a (mistyped) folder is not found, never silently the packaged file of the same name
-    path = write(tmp_path / "c.yaml", "base: cifar10_paper.yaml\noptim:\n  lr: 0.05\n")
-    data = read_yaml(path)
-    assert data["data"]["dataset"] == "cifar10" and data["optim"]["lr"] == 0.05
+    for base in ("cifar10_paper.yaml", "./cifar10_paper.yaml"):
+        path = write(tmp_path / "c.yaml", f"base: {base}\noptim:\n  lr: 0.05\n")
+        data = read_yaml(path)
+        assert data["data"]["dataset"] == "cifar10" and data["optim"]["lr"] == 0.05
     path = write(tmp_path / "c.yaml", "base: ../team_configs/cifar10_paper.yaml\n")
     with pytest.raises(ConfigError, match=r"base config file not found: .*team_configs/"
                                           r"cifar10_paper\.yaml"):
