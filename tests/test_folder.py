@@ -330,6 +330,87 @@ def test_workers_decode_partial_jpegs_bit_identical_to_in_process(tmp_path, monk
     assert "Corrupt JPEG" not in capfd.readouterr().err
 
 
+# --------------------------------------------------------------------------- batch ring
+
+
+def test_batch_ring_lends_a_slot_only_when_nothing_can_still_use_it():
+    from resnet_train.data.ring import BatchRing, RingSlot
+    ring = BatchRing(2, batch=4, sample_shape=(2, 2, 3))
+    ring.new_pass()
+    a, b = ring.take(4), ring.take(3)
+    assert {a, b} == {0, 1} and ring.take(4) is None  # both in flight: the key goes fresh
+    ring.memory[a].fill_(7)
+    x = ring.deliver(RingSlot(a, 4))
+    assert x.shape == (4, 2, 2, 3) and int(x.sum()) == 7 * 48
+    view = x.permute(0, 3, 1, 2)[1:]
+    del x
+    assert ring.take(4) is None  # a view of the delivered batch is alive
+    arr = view.numpy()
+    del view
+    assert ring.take(4) is None  # so is a numpy array over it
+    del arr
+    assert ring.take(4) == a and ring.hits == 1  # the last reference gone: reused
+    y = ring.deliver(RingSlot(a, 4))
+    with pytest.raises(RuntimeError, match="slot 0 delivered but not lent out"):
+        ring.deliver(RingSlot(a, 4))  # twice: a protocol error, never a silent alias
+    assert ring.take(5) is None  # larger than a slot
+    ring.new_pass()  # b's task (never delivered) belongs to the last pass: free once reset
+    assert ring.take(1) is None
+    ring.drop_stale()
+    assert ring.take(1) == b and ring.take(1) is None  # y still holds a
+    del y
+    assert ring.take(1) == a
+    big = BatchRing.for_loader(16, 4, 256, (224, 224, 3))  # 67 wanted, capped at 1 GiB
+    assert len(big._free) == (1 << 30) // (256 * 224 * 224 * 3) == 27
+    assert BatchRing.for_loader(0, 4, 8, (32, 32, 3)) is None  # no workers: no shared memory
+
+
+def test_ring_batches_equal_in_process_and_a_kept_batch_is_never_overwritten(tree):
+    """The training loader decodes into reused shared buffers: every batch equals the
+    in-process one, whether the consumer drops each batch (all from the ring), keeps them
+    all (the ring runs dry: fresh segments, the kept ones intact) or leaves a pass midway."""
+    a = build(cfg(tree, workers=0, batch_size=2))
+    b = build(cfg(tree, workers=2, prefetch=1, batch_size=2))
+    ring = b.train._ring
+    try:
+        assert ring is not None and b.val._ring is None and a.train._ring is None
+        slots = len(ring._free)
+        assert slots == 2 * 1 + 3
+        want = {e: epoch(a.train, e) for e in (0, 1)}
+
+        def equal(got, e):
+            return len(got) == 12 and all(
+                torch.equal(x1, x2) and torch.equal(y1, y2)
+                for (x1, y1), (x2, y2) in zip(got, want[e], strict=True))
+        assert equal(epoch(b.train, 0), 0) and ring.hits == 12  # cloned, dropped: all reused
+        kept = list(b.train.batches(1))  # held, not cloned
+        assert equal(kept, 1) and ring.hits - 12 <= slots  # the rest came fresh
+        del kept
+        hits = ring.hits
+        it = b.train.batches(0)
+        first = [next(it) for _ in range(3)]
+        it.close()  # left midway: tasks in flight and results never delivered
+        # the slots of the tasks left in flight are lent again (3 stay with ``first``)
+        assert equal(epoch(b.train, 0), 0) and ring.hits - hits > 3
+        assert all(torch.equal(x, w[0]) for (x, _), w in zip(first, want[0], strict=False))
+        assert not ring._assigned and len(ring._free) + len(ring._delivered) == slots
+    finally:
+        b.train.close()
+        b.val.close()
+
+
+def test_no_ring_for_device_decode_or_pinned_batches():
+    dec = folder.BatchDecoder(np.array([b"x"]), np.zeros(1, dtype=np.int64),
+                              ("paper", (32, 48), 32, True), 0, encoded=True)
+    loader = folder.FolderLoader(dec, None, 1, 1, 2, False, 1, 0, ring_batch=8)
+    assert loader._ring is None and dec.ring is None
+    dec = folder.BatchDecoder(np.array([b"x"]), np.zeros(1, dtype=np.int64),
+                              ("paper", (32, 48), 32, True), 0)
+    assert folder.FolderLoader(dec, None, 1, 1, 2, True, 1, 0, ring_batch=8)._ring is None
+    loader = folder.FolderLoader(dec, None, 1, 1, 2, False, 1, 0, ring_batch=8)
+    assert loader._ring.memory.shape == (5, 8, 32, 32, 3) and dec.ring is loader._ring.memory
+
+
 # --------------------------------------------------------------------------- normalisation
 
 

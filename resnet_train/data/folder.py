@@ -32,6 +32,7 @@ from .geometry import (Crop, crop_box_center, crop_box_full, crop_box_paper, cro
 from .device_decode import FIXED_SIZE, Encoded, decode_on_device
 from .jpeg import _jpeg_sof, load_crop, torch_decoder_missing
 from .prep import IMAGENET_MEAN, IMAGENET_STD, DevicePrep
+from .ring import BatchRing, RingSlot
 from .sampling import (epoch_permutation, mix_seed, train_batch_indices, train_steps_per_epoch,
                        val_shard)
 from .views import ten_crop
@@ -137,7 +138,11 @@ class BatchDecoder(Dataset):
     ('center', resize, crop) | ('ten_crop', resize, crop) | ('full', side). ``bad`` lists
     (path, reason) of the unreadable images met; with on_bad='error' the batch is None and
     the main process raises (an exception raised here would lose its type and path).
+    A key (epoch, indices, slot) with a slot of ``ring`` (a ``BatchRing``'s memory) is
+    decoded into that slot and returned as ``RingSlot``.
     """
+
+    ring: torch.Tensor | None = None
 
     def __init__(self, paths: np.ndarray, labels: np.ndarray, geometry: tuple, seed: int,
                  on_bad: str = "skip", draft: bool = False, encoded: bool = False):
@@ -211,11 +216,11 @@ class BatchDecoder(Dataset):
         return Encoded(key, data, sizes, crops, decoded), labels, bad
 
     def __getitem__(self, key):
-        return self.encode(key) if self.encoded else self.decode(key)
+        return self.encode(key[:2]) if self.encoded else self.decode(key)
 
     def decode(self, key):
         """The batch of ``key`` decoded here (the CPU path)."""
-        epoch, indices = key
+        epoch, indices, slot = (*key, None)[:3]
         bad: list[tuple[str, str]] = []
         fixed = self.geometry[0] in FIXED_SIZE  # every sample crop x crop
         nhwc, arrays = None, []
@@ -226,11 +231,14 @@ class BatchDecoder(Dataset):
                 return None, None, bad
             if fixed:  # decode straight into the batch
                 if nhwc is None:
-                    nhwc = _empty_batch((len(indices), *got[0].shape))
+                    nhwc = _empty_batch((len(indices), *got[0].shape)) if slot is None \
+                        else self.ring[slot, :len(indices)]
                 nhwc.numpy()[k] = got[0]
             else:
                 arrays.append(got[0])
             labels[k] = got[1]
+        if fixed and slot is not None:
+            return RingSlot(slot, len(indices)), labels, bad
         if fixed:
             # NCHW shape over the decoded NHWC memory (channels_last strides): no transpose
             # on the CPU; the float conversion on the device keeps this layout.
@@ -250,13 +258,17 @@ def _empty_batch(shape) -> torch.Tensor:
 
 
 class _Keys(Sampler):
-    """The batch keys of the current epoch; set before each pass over the DataLoader."""
+    """The batch keys of the current epoch; set before each pass over the DataLoader. Drawn
+    by the DataLoader in the main process as it hands each key to a worker: that is when a
+    ring slot is lent to the key (``ring.take``)."""
 
-    def __init__(self):
+    def __init__(self, ring: BatchRing | None = None):
         self.keys: list = []
+        self.ring = ring
 
     def __iter__(self):
-        return iter(self.keys)
+        for epoch, indices in self.keys:
+            yield epoch, indices, None if self.ring is None else self.ring.take(len(indices))
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -269,15 +281,22 @@ class FolderLoader(Loader):
     """Batches of one split through a DataLoader of ``BatchDecoder`` workers.
 
     ``order(epoch, b)`` gives the sample indices of batch b; ``batches(epoch, start)``
-    hands only batches start.. to the workers.
+    hands only batches start.. to the workers. ``ring_batch`` (the batch size of a
+    fixed-size geometry, decoded on the CPU into unpinned memory) lends the workers reused
+    shared buffers (``ring.BatchRing``) instead of a fresh segment a batch.
     """
 
     def __init__(self, decoder: BatchDecoder, order, num_batches: int, num_samples: int,
                  workers: int, pin_memory: bool, prefetch: int, seed: int,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, ring_batch: int = 0):
         self.decoder, self.order, self.device = decoder, order, device
         self.num_batches, self.num_samples = num_batches, num_samples
-        self._keys = _Keys()
+        shape = fixed_sample_shape(decoder.geometry)
+        # Pinning copies every batch anyway; the device decode's batches are byte strings.
+        self._ring = BatchRing.for_loader(workers, prefetch, ring_batch, shape) \
+            if ring_batch and shape and not pin_memory and not decoder.encoded else None
+        decoder.ring = None if self._ring is None else self._ring.memory
+        self._keys = _Keys(self._ring)
         self._bad_count, self._bad_paths = 0, []
         # generator=: the DataLoader draws its worker base seed from here, not from the global
         # torch RNG (the trainer's RNG state stays untouched; the workers' own seeds are unused).
@@ -292,10 +311,17 @@ class FolderLoader(Loader):
 
     def batches(self, epoch: int, start: int = 0):
         self._keys.keys = [(epoch, self.order(epoch, b)) for b in range(start, self.num_batches)]
+        if self._ring is not None:
+            self._ring.new_pass()
+        it = iter(self._dl)  # (persistent workers: returns once the last pass's tasks are done)
+        if self._ring is not None:
+            self._ring.drop_stale()
         # Labels travel pickled in the message (a numpy array): a tensor would cost a second
         # shared-memory segment and file-descriptor hand-over per batch.
-        for x, y, bad in self._dl:
-            if isinstance(x, Encoded):
+        for x, y, bad in it:
+            if isinstance(x, RingSlot):  # NCHW shape over NHWC memory, as decode() returns
+                x = self._ring.deliver(x).permute(0, 3, 1, 2)
+            elif isinstance(x, Encoded):
                 x, y, bad = self._decode(x, y, bad)
             if bad:
                 self._bad_count += len(bad)
@@ -326,6 +352,12 @@ class FolderLoader(Loader):
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
         self._dl._iterator = None
+
+
+def fixed_sample_shape(geometry: tuple) -> tuple[int, int, int] | None:
+    """(crop, crop, 3): the HWC shape of every sample of a fixed-size geometry, else None."""
+    crop = {"paper": 2, "rrc": 3, "center": 2}.get(geometry[0])
+    return None if crop is None else (geometry[crop], geometry[crop], 3)
 
 
 def _train_order(n: int, global_batch: int, seed: int, rank: int, world: int):
@@ -368,13 +400,14 @@ def val_geometry(cfg, local: int) -> tuple[tuple, int]:
     return ("center", v.resize, v.crop), local
 
 
-def make_loader(paths, labels, geometry, cfg, order, num_batches, *, device, seed_tag: int):
+def make_loader(paths, labels, geometry, cfg, order, num_batches, *, device, seed_tag: int,
+                ring_batch: int = 0):
     d = cfg.data
     dec = BatchDecoder(paths, labels, geometry, cfg.run.seed, d.on_bad_image, d.jpeg_draft,
                        encoded=d.decode == "device")
     pin = bool(d.pin_memory and torch.device(device).type == "cuda")
     return FolderLoader(dec, order, num_batches, len(paths), d.workers, pin, d.prefetch,
-                        mix_seed(cfg.run.seed, seed_tag), torch.device(device))
+                        mix_seed(cfg.run.seed, seed_tag), torch.device(device), ring_batch)
 
 
 # --------------------------------------------------------------------------- pixel mean
@@ -550,10 +583,12 @@ def build_folder(cfg, device, rank: int, world: int, run_dir=None,
         cfg, rank, stored, classes, eval_only)
     k, n = len(classes), 0 if train_paths is None else len(train_paths)
     seed, local = cfg.run.seed, d.batch_size // world
+    # Only the training loader reuses its batch buffers (ring.py): it runs all the time,
+    # while a validation loader's would hold shared memory idle between passes.
     train = None if eval_only else make_loader(
         train_paths, train_labels, train_geometry(cfg), cfg,
         _train_order(n, d.batch_size, seed, rank, world),
-        train_steps_per_epoch(n, d.batch_size), device=device, seed_tag=11)
+        train_steps_per_epoch(n, d.batch_size), device=device, seed_tag=11, ring_batch=local)
     shard = val_shard(len(val_paths), rank, world)
 
     def val_loader(val_cfg, seed_tag: int) -> FolderLoader:
