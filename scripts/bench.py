@@ -1128,8 +1128,9 @@ def _data_args(d) -> None:
     d.add_argument("--cifar-threads", type=int, default=None,
                    help="CIFAR: torch threads of both main processes (default: torch's)")
     d.add_argument("--warmup-epochs", type=int, default=1, help="untimed epochs first")
-    # 5 rounds of >= 4 s: on the noisy 2-core VM, 3 rounds of 2 s gave folder ratios of
-    # 2.14x-2.62x in four runs; 5 of 4 s, 2.63x-3.04x in three (within 16%).
+    # 7 rounds (the default) of >= 4 s: on the noisy 2-core VM a single round's ratio
+    # varies by +-18%; 3 rounds of 2 s gave folder ratios of 2.14x-2.62x in four runs,
+    # 7 of 4 s 2.73x-2.86x in three (CIFAR 30.9x-32.1x).
     d.add_argument("--min-seconds", type=float, default=4.0,
                    help="more timed epochs until a round lasts this long")
     d.add_argument("--dir", help="keep/reuse the generated data here")
@@ -1209,7 +1210,7 @@ def _tool_parsers(sub) -> None:
 
 
 # the measuring subcommands: (name, function, default rounds, its arguments)
-MEASURES = (("data", cmd_data, 5, _data_args), ("step", cmd_step, 5, _step_args),
+MEASURES = (("data", cmd_data, 7, _data_args), ("step", cmd_step, 5, _step_args),
             ("epoch", cmd_epoch, 3, _epoch_args), ("scaling", cmd_scaling, 3, _scaling_args),
             ("threads", cmd_threads, 3, _threads_args))
 

@@ -394,6 +394,9 @@ def test_ring_batches_equal_in_process_and_a_kept_batch_is_never_overwritten(tre
         assert equal(epoch(b.train, 0), 0) and ring.hits - hits > 3
         assert all(torch.equal(x, w[0]) for (x, _), w in zip(first, want[0], strict=False))
         assert not ring._assigned and len(ring._free) + len(ring._delivered) == slots
+        b.train.close()  # workers stopped (maybe only signalled): no slot is lent again
+        hits = ring.hits
+        assert equal(epoch(b.train, 1), 1) and ring.hits == hits
     finally:
         b.train.close()
         b.val.close()

@@ -352,6 +352,9 @@ class FolderLoader(Loader):
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
         self._dl._iterator = None
+        # A worker that did not exit in time is only sent SIGTERM: no slot is lent again
+        # (a later pass, with new workers, allocates fresh segments).
+        self._keys.ring = None
 
 
 def fixed_sample_shape(geometry: tuple) -> tuple[int, int, int] | None:
