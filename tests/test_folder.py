@@ -396,6 +396,7 @@ def test_ring_batches_equal_in_process_and_a_kept_batch_is_never_overwritten(tre
         assert not ring._assigned and len(ring._free) + len(ring._delivered) == slots
         b.train.close()  # workers stopped (maybe only signalled): no slot is lent again
         hits = ring.hits
+        assert b.train._ring is None and b.train.decoder.ring is None  # memory released
         assert equal(epoch(b.train, 1), 1) and ring.hits == hits
     finally:
         b.train.close()

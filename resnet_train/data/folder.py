@@ -352,9 +352,10 @@ class FolderLoader(Loader):
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
         self._dl._iterator = None
-        # A worker that did not exit in time is only sent SIGTERM: no slot is lent again
-        # (a later pass, with new workers, allocates fresh segments).
-        self._keys.ring = None
+        # A worker that did not exit in time is only sent SIGTERM: no slot is lent again (a
+        # later pass, with new workers, allocates fresh segments), and the ring's shared
+        # memory goes once the batches delivered from it are gone.
+        self._keys.ring = self._ring = self.decoder.ring = None
 
 
 def fixed_sample_shape(geometry: tuple) -> tuple[int, int, int] | None:
