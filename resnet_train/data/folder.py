@@ -32,7 +32,7 @@ from .geometry import (Crop, crop_box_center, crop_box_full, crop_box_paper, cro
 from .device_decode import FIXED_SIZE, Encoded, decode_on_device
 from .jpeg import _jpeg_sof, load_crop, torch_decoder_missing
 from .prep import IMAGENET_MEAN, IMAGENET_STD, DevicePrep
-from .ring import BatchRing, RingSlot
+from .ring import BatchRing, RingSlot, shared_uint8
 from .sampling import (epoch_permutation, mix_seed, train_batch_indices, train_steps_per_epoch,
                        val_shard)
 from .views import ten_crop
@@ -252,9 +252,7 @@ def _empty_batch(shape) -> torch.Tensor:
     copies nothing (what default_collate does for its stacks)."""
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=torch.uint8)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape))
-    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
-    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape, strides)
+    return shared_uint8(shape)
 
 
 class _Keys(Sampler):

@@ -31,6 +31,13 @@ from torch.multiprocessing.reductions import StorageWeakRef
 MAX_BYTES = 1 << 30  # a ring's shared memory at most (slots beyond it fall back to fresh)
 
 
+def shared_uint8(shape) -> torch.Tensor:
+    """A contiguous uint8 tensor in new shared memory (its pages are made on first use)."""
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape, strides)
+
+
 class RingSlot(NamedTuple):
     """What a worker returns for a batch decoded into a ring slot."""
 
@@ -47,10 +54,7 @@ class BatchRing:
     """
 
     def __init__(self, slots: int, batch: int, sample_shape: tuple[int, ...]):
-        shape = (slots, batch, *sample_shape)
-        storage = torch.UntypedStorage._new_shared(math.prod(shape))  # pages made on first use
-        strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
-        self.memory = torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape, strides)
+        self.memory = shared_uint8((slots, batch, *sample_shape))
         self.batch = batch
         self._array = self.memory.numpy()
         self._free = list(range(slots - 1, -1, -1))   # a stack: slot 0 first
