@@ -135,7 +135,8 @@ class Trainer:
         self.ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
         resume_path, ckpt = self._find_resume()
         if ckpt is not None and self._is_complete(ckpt):
-            if info.is_main:
+            if info.is_main:  # a kill between the last save and its pruning left one over
+                ckpt_io.prune_epochs(self.ckpt_dir, cfg.checkpoint.keep_last)
                 say(f"run {cfg.run_dir} is complete ({ckpt['epoch']} epochs, global step "
                     f"{ckpt['global_step']}); raise train.epochs to train further")
             return 0
