@@ -169,6 +169,20 @@ def epoch_file(directory: str, epoch: int) -> str:
     return os.path.join(directory, f"epoch_{epoch:03d}.pt")
 
 
+def epoch_end_names(ckpt: dict, every_epochs: int) -> list[str]:
+    """The files the epoch-end save that wrote ``ckpt`` wrote with it ([] if ``ckpt`` is not
+    an epoch-end save): last.pt, best.pt if that epoch improved, its epoch_NNN.pt if due."""
+    rec = ckpt.get("metrics")
+    if not rec or rec.get("global_step") != ckpt["global_step"] or \
+            ckpt.get("epoch_end_pending"):
+        return []
+    epoch = int(rec["epoch"])  # 0-based; the file is named by epochs done
+    names = ["last.pt"] + (["best.pt"] if ckpt.get("best_epoch") == epoch else [])
+    if every_epochs and (epoch + 1) % every_epochs == 0:
+        names.append(os.path.basename(epoch_file("", epoch + 1)))
+    return names
+
+
 def prune_epochs(directory: str, keep_last: int) -> None:
     """Keep the newest ``keep_last`` epoch_NNN.pt files (0 keeps all)."""
     if keep_last <= 0:
@@ -196,11 +210,13 @@ def _position(ckpt: dict) -> tuple[int, int]:
     return int(ckpt.get("global_step", 0)), int(ckpt.get("epoch", 0))
 
 
-def find_resumable(directory: str, warn=print) -> tuple[str, dict] | None:
+def find_resumable(directory: str, warn=print,
+                   positions: dict | None = None) -> tuple[str, dict] | None:
     """The newest loadable checkpoint in ``directory`` (by training progress).
 
     An unreadable candidate is reported through ``warn`` and skipped, so a file corrupted by
-    a crash falls back to the previous one.
+    a crash falls back to the previous one. ``positions``, if given, receives each loadable
+    file's name and (global_step, epoch).
     """
     candidates = [p for p in glob.glob(os.path.join(directory, "*.pt"))
                   if not os.path.basename(p).startswith(".tmp-")]
@@ -213,6 +229,8 @@ def find_resumable(directory: str, warn=print) -> tuple[str, dict] | None:
         except CheckpointError as e:
             warn(f"warning: skipping {e}")
             continue
+        if positions is not None:
+            positions[os.path.basename(path)] = _position(ckpt)
         if best is None or _position(ckpt) > _position(best[1]):
             best = (path, ckpt)
     return best

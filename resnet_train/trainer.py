@@ -135,8 +135,7 @@ class Trainer:
         self.ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
         resume_path, ckpt = self._find_resume()
         if ckpt is not None and self._is_complete(ckpt):
-            if info.is_main:  # a kill between the last save and its pruning left one over
-                ckpt_io.prune_epochs(self.ckpt_dir, cfg.checkpoint.keep_last)
+            if info.is_main:
                 say(f"run {cfg.run_dir} is complete ({ckpt['epoch']} epochs, global step "
                     f"{ckpt['global_step']}); raise train.epochs to train further")
             return 0
@@ -199,7 +198,8 @@ class Trainer:
         from .rundir import RunLock
         cfg, mode = self.cfg, self.cfg.checkpoint.resume
         self.lock = RunLock(cfg.run_dir, notify=say).acquire()
-        found = ckpt_io.find_resumable(self.ckpt_dir, warn=say) \
+        positions: dict[str, tuple[int, int]] = {}
+        found = ckpt_io.find_resumable(self.ckpt_dir, warn=say, positions=positions) \
             if os.path.isdir(self.ckpt_dir) else None
         # The run's own progress always wins: "run the same command to resume" holds for
         # resume=<path> too (the path seeds a new run only); resume=none never overwrites.
@@ -234,7 +234,23 @@ class Trainer:
         if world != self.info.world:
             notice.append(f"note: resuming a run of {world} process(es) with "
                           f"{self.info.world}; the global batch and data order are unchanged")
+        if found:
+            notice += self._finish_interrupted_save(path, ckpt, positions)
         return path, ckpt, notice
+
+    def _finish_interrupted_save(self, path: str, ckpt: dict, positions: dict) -> list[str]:
+        """Rank 0: write what a kill during the epoch-end save of ``ckpt`` left unwritten
+        (best.pt is written first, then epoch_NNN.pt, last.pt, then the pruning), so the
+        files are those of an uninterrupted run: training on from ``ckpt`` never writes
+        them. Returns the notice."""
+        position = (ckpt["global_step"], ckpt["epoch"])
+        names = ckpt_io.epoch_end_names(ckpt, self.cfg.checkpoint.every_epochs)
+        missing = [n for n in names if positions.get(n) != position]
+        for name in missing:
+            ckpt_io.atomic_save(ckpt, os.path.join(self.ckpt_dir, name))
+        ckpt_io.prune_epochs(self.ckpt_dir, self.cfg.checkpoint.keep_last)
+        return [f"note: the epoch-end save at global step {position[0]} was cut short; "
+                f"wrote {', '.join(missing)} from {path}"] if missing else []
 
     def _is_complete(self, ckpt: dict) -> bool:
         """Whether the checkpoint already covers the configured training length."""
@@ -632,7 +648,8 @@ class Trainer:
                 f"not saving {', '.join(names)}")
             return
         # last.pt last: a crash in between leaves best/epoch files at least as new as
-        # last.pt, and resume (the most advanced loadable file) rewrites what is missing.
+        # last.pt; resume takes the most advanced loadable file and writes what is missing
+        # (_finish_interrupted_save).
         for name in sorted(names, key=lambda n: n == "last.pt"):
             ckpt_io.atomic_save(state, os.path.join(self.ckpt_dir, name))
         if any(n.startswith("epoch_") for n in names):

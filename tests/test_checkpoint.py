@@ -149,6 +149,41 @@ def test_kill_9_at_random_moments_never_loses_a_checkpoint(tmp_path):
     assert not glob.glob(os.path.join(run_dir, "checkpoints", ".tmp-*"))
 
 
+def test_resume_writes_what_a_kill_during_the_epoch_end_save_left_unwritten(tmp_path, capsys):
+    """The save at an epoch end writes best.pt (if improved), epoch_NNN.pt, then last.pt.
+    Killed after the first, the resumed run starts after that epoch end and would never
+    write the others: resume writes them from the file it resumes (CI saw epoch_002 lost)."""
+    run_dir = str(tmp_path / "run")
+    ckpts = os.path.join(run_dir, "checkpoints")
+    args = tiny(run_dir, "train.epochs=2", "checkpoint.every_epochs=1", "checkpoint.keep_last=0")
+    assert train_cli.main(args) == 0
+    end = weights(run_dir, "epoch_002.pt")
+    names = ckpt_io.epoch_end_names(end, 1)
+    assert names[0] == "last.pt" and names[-1] == "epoch_002.pt"
+    assert set(names) <= {"last.pt", "best.pt", "epoch_002.pt"}
+    first = "best.pt" if "best.pt" in names else "epoch_002.pt"  # the order of the save
+    unwritten = sorted(set(names) - {first})
+    for name in unwritten:
+        os.unlink(os.path.join(ckpts, name))
+    shutil.copy(os.path.join(ckpts, "epoch_001.pt"), os.path.join(ckpts, "last.pt"))  # older
+    capsys.readouterr()
+    assert train_cli.main(args) == 0  # complete: nothing trains, the files are completed
+    out = capsys.readouterr().out
+    assert (f"note: the epoch-end save at global step 16 was cut short; wrote "
+            f"{', '.join(n for n in names if n != first)} from {ckpts}/{first}") in out
+    for name in names:
+        got = weights(run_dir, name)
+        assert (got["global_step"], got["epoch"]) == (16, 2), name
+        assert_bitwise_equal(got["model"], end["model"])
+        for key, buf in end["optimizer"]["state"].items():  # the momentum goes with it
+            assert torch.equal(got["optimizer"]["state"][key]["momentum_buffer"],
+                               buf["momentum_buffer"]), (name, key)
+    assert weights(run_dir, "epoch_001.pt")["global_step"] == 8
+    assert train_cli.main([*args, "train.epochs=3"]) == 0  # trains on as if never killed
+    assert sorted(os.listdir(ckpts)) == ["best.pt", "epoch_001.pt", "epoch_002.pt",
+                                         "epoch_003.pt", "last.pt"]
+
+
 def test_a_complete_run_prunes_what_a_kill_left_over(tmp_path):
     run_dir = str(tmp_path / "run")
     args = tiny(run_dir, "train.epochs=2", "checkpoint.every_epochs=1", "checkpoint.keep_last=1")
