@@ -19,19 +19,19 @@ def say(msg: str) -> None:
 class RunLogger:
     """Rank 0's writer of metrics.jsonl and TensorBoard scalars; inert on other ranks."""
 
-    def __init__(self, run_dir: str, enabled: bool, resume_step: int | None = None):
+    def __init__(self, run_dir: str, enabled: bool, resume_step: int = 0):
+        """``resume_step``: the global step training starts from (0 for a fresh start, which
+        forgets what a run killed before its first checkpoint logged)."""
         self.enabled = enabled
         self.tb = None
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         if not enabled:
             return
-        if resume_step is not None:
-            self._drop_after(resume_step)
+        self._drop_after(resume_step)
         from torch.utils.tensorboard import SummaryWriter
-        # purge_step hides events from steps that a resumed run repeats; events are logged
-        # at the global step reached, so those at resume_step itself are kept.
-        self.tb = SummaryWriter(os.path.join(run_dir, "tb"),
-                                purge_step=resume_step + 1 if resume_step else None)
+        # purge_step hides events from steps that this run repeats; events are logged at
+        # the global step reached, so those at resume_step itself are kept.
+        self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resume_step + 1)
 
     def _drop_after(self, step: int) -> None:
         """Forget metric lines past global step ``step``: the resumed run writes them again."""
@@ -71,6 +71,12 @@ class RunLogger:
             return
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(rec) + "\n")
+
+    def flush(self) -> None:
+        """Put the queued TensorBoard events on disk (SummaryWriter itself waits up to 120 s):
+        before a checkpoint, as a resumed run never logs the steps up to it again."""
+        if self.tb is not None:
+            self.tb.flush()
 
     def close(self) -> None:
         if self.tb is not None:

@@ -145,10 +145,11 @@ class Trainer:
         self._build(ckpt, resume_path)
         del ckpt
         if info.is_main:  # the run's config, once the checkpoint is known to fit it
-            with open(os.path.join(cfg.run_dir, "config.yaml"), "w", encoding="utf-8") as fh:
+            path = os.path.join(cfg.run_dir, "config.yaml")
+            with open(path + ".tmp", "w", encoding="utf-8") as fh:
                 fh.write(dump(cfg))
-        self.logger = RunLogger(cfg.run_dir, info.is_main,
-                                self.state.step if resume_path else None)
+            os.replace(path + ".tmp", path)  # a kill never leaves it torn
+        self.logger = RunLogger(cfg.run_dir, info.is_main, self.state.step)
         self.stop = StopFlag(cfg.checkpoint.signals, cfg.checkpoint.signal_check_every,
                              self.runtime.device, info)
         self.progress = Progress(cfg.run.progress, info.is_main)
@@ -244,7 +245,9 @@ class Trainer:
         files are those of an uninterrupted run: training on from ``ckpt`` never writes
         them. Returns the notice."""
         position = (ckpt["global_step"], ckpt["epoch"])
-        names = ckpt_io.epoch_end_names(ckpt, self.cfg.checkpoint.every_epochs)
+        every = ckpt["config"].get("checkpoint", {}).get("every_epochs",
+                                                         self.cfg.checkpoint.every_epochs)
+        names = ckpt_io.epoch_end_names(ckpt, every)  # the files the save that was cut wrote
         missing = [n for n in names if positions.get(n) != position]
         for name in missing:
             ckpt_io.atomic_save(ckpt, os.path.join(self.ckpt_dir, name))
@@ -501,8 +504,12 @@ class Trainer:
         inputs = (self.data.train_prep(x.to(device, non_blocking=True),
                                        batch_generator(cfg.run.seed, epoch, i, 0, gen))
                   for i, (x, _) in zip(range(cfg.train.precise_bn), batches, strict=False))
+        # Its train-mode forwards draw dropout masks: forked, the global RNG the training
+        # steps use is where it was, so a pending epoch end redoing this resumes exactly.
+        devices = [device.index or 0] if device.type == "cuda" else []
         try:
-            precise_bn(self.model, inputs, self.runtime, self.info)
+            with torch.random.fork_rng(devices=devices):
+                precise_bn(self.model, inputs, self.runtime, self.info)
         finally:
             _close(batches)
 
@@ -628,6 +635,7 @@ class Trainer:
         self.state.gather_sums()
         error = None
         if self.info.is_main:
+            self.logger.flush()  # what was logged up to here is not logged again on resume
             try:
                 self._write(names)
             except EnvironmentFailure as e:

@@ -134,10 +134,14 @@ def test_mid_epoch_saves_keep_the_loader_running(tmp_path, monkeypatch):
     assert [s for s, _ in saves] == [3, 6, 8, 9, 12, 15, 16]
 
 
-def test_a_signal_during_validation_saves_the_pending_epoch_end(tmp_path, monkeypatch):
+# dropout + precise BN: the pending epoch end redoes precise BN; its train-mode forwards
+# must not move the global RNG that the dropout masks of later steps come from
+@pytest.mark.parametrize("extra", [(), ("model.shortcut_variant=dropout", "train.precise_bn=2")],
+                         ids=["plain", "dropout-precise-bn"])
+def test_a_signal_during_validation_saves_the_pending_epoch_end(tmp_path, monkeypatch, extra):
     """SIGTERM while validating: last.pt marks the epoch end as pending, exit 3; the resumed
     run validates that epoch first and ends bitwise where an uninterrupted run ends."""
-    args = ("train.epochs=2", "run.deterministic=true")
+    args = ("train.epochs=2", "run.deterministic=true", *extra)
     whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
     assert train_cli.main(tiny(whole, *args)) == 0
     real = trainer.Trainer._validate
@@ -221,3 +225,52 @@ def test_world_size_change_is_reported(one_epoch, tmp_path, capsys):
     time.sleep(0.01)
     assert train_cli.main(tiny(run_dir, "train.epochs=2")) == 0
     assert "resuming a run of 2 process(es) with 1" in capsys.readouterr().out
+
+
+def _tb_steps(run_dir: str, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(os.path.join(run_dir, "tb"))
+    acc.Reload()  # (it applies purge_step: the events a resumed run repeated are hidden)
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def _kill_after(proc, text: str) -> None:
+    """kill -9 the training process once it printed a line with ``text``."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if text in line:
+            proc.kill()
+            proc.wait()
+            return
+    raise AssertionError(f"never saw {text!r}: {''.join(lines)}{proc.stderr.read()}")
+
+
+def test_tensorboard_events_are_on_disk_before_each_checkpoint(tmp_path, monkeypatch):
+    """SummaryWriter's thread writes queued events a moment later (flush() waits for them):
+    a kill in between would lose them for good, as the resumed run starts after them."""
+    from resnet_train import logging as run_logging
+    order = []
+    real_flush, real_write = run_logging.RunLogger.flush, trainer.Trainer._write
+    monkeypatch.setattr(run_logging.RunLogger, "flush",
+                        lambda self: (order.append("flush"), real_flush(self))[1])
+    monkeypatch.setattr(trainer.Trainer, "_write",
+                        lambda self, names: (order.append(names), real_write(self, names))[1])
+    run_dir = str(tmp_path / "run")
+    assert train_cli.main(tiny(run_dir, "train.epochs=2", "checkpoint.every_steps=4")) == 0
+    saves = [i for i, o in enumerate(order) if o != "flush"]
+    assert len(saves) == 4  # steps 4, 8 (epoch end), 12, 16 (epoch end)
+    assert all(order[i - 1] == "flush" for i in saves), order
+    assert _tb_steps(run_dir, "val/top1") == [8, 16]
+
+
+def test_a_kill_before_the_first_checkpoint_leaves_no_duplicate_records(tmp_path):
+    """The next start is a fresh one: what the killed run logged goes, not twice."""
+    run_dir = str(tmp_path / "run")
+    args = tiny(run_dir, "train.epochs=1", "run.log_every=1", "checkpoint.every_steps=0")
+    _kill_after(popen("train", *args), "epoch 0 step 3/8")
+    assert not glob.glob(os.path.join(run_dir, "checkpoints", "*.pt"))
+    assert [r["global_step"] for r in records(run_dir, "step")][:3] == [1, 2, 3]
+    assert train_cli.main(args) == 0
+    assert [r["global_step"] for r in records(run_dir, "step")] == list(range(1, 9))
+    assert _tb_steps(run_dir, "iter/train_loss") == list(range(1, 9))
