@@ -152,7 +152,8 @@ def test_kill_9_at_random_moments_never_loses_a_checkpoint(tmp_path):
 def test_resume_writes_what_a_kill_during_the_epoch_end_save_left_unwritten(tmp_path, capsys):
     """The save at an epoch end writes best.pt (if improved), epoch_NNN.pt, then last.pt.
     Killed after the first, the resumed run starts after that epoch end and would never
-    write the others: resume writes them from the file it resumes (CI saw epoch_002 lost)."""
+    write the others: resume writes them from the file it resumes (under load the kill test
+    lost epoch_002.pt so)."""
     run_dir = str(tmp_path / "run")
     ckpts = os.path.join(run_dir, "checkpoints")
     args = tiny(run_dir, "train.epochs=2", "checkpoint.every_epochs=1", "checkpoint.keep_last=0")
