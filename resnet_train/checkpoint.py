@@ -215,15 +215,20 @@ def find_resumable(directory: str, warn=print,
     """The newest loadable checkpoint in ``directory`` (by training progress).
 
     An unreadable candidate is reported through ``warn`` and skipped, so a file corrupted by
-    a crash falls back to the previous one. ``positions``, if given, receives each loadable
+    a crash falls back to the previous one. ``positions``, if given, receives each loaded
     file's name and (global_step, epoch).
     """
-    candidates = [p for p in glob.glob(os.path.join(directory, "*.pt"))
-                  if not os.path.basename(p).startswith(".tmp-")]
-    # Newest first by mtime; among loadable ones the most advanced wins.
-    candidates.sort(key=os.path.getmtime, reverse=True)
+    paths = [p for p in glob.glob(os.path.join(directory, "*.pt"))
+             if not os.path.basename(p).startswith(".tmp-")]
+    # last.pt, best.pt (and any other name), newest first by mtime; then the epoch files,
+    # highest first, only down to the first loadable one: an older one is never further
+    # on, and a run with keep_last 0 must not read 90 ResNet-50 checkpoints to resume.
+    others = sorted((p for p in paths if _epoch_number(p) < 0), key=os.path.getmtime,
+                    reverse=True)
+    epochs = sorted((p for p in paths if _epoch_number(p) >= 0), key=_epoch_number,
+                    reverse=True)
     best: tuple[str, dict] | None = None
-    for path in candidates:
+    for path in others + epochs:
         try:
             ckpt = load(path)
         except CheckpointError as e:
@@ -233,6 +238,8 @@ def find_resumable(directory: str, warn=print,
             positions[os.path.basename(path)] = _position(ckpt)
         if best is None or _position(ckpt) > _position(best[1]):
             best = (path, ckpt)
+        if _epoch_number(path) >= 0:
+            break
     return best
 
 

@@ -219,6 +219,30 @@ def test_corrupt_newest_checkpoint_falls_back_under_auto(tmp_path):
     assert weights(run_dir)["epoch"] == 3
 
 
+def test_resume_reads_epoch_files_only_down_to_the_newest_loadable(tmp_path, monkeypatch):
+    """keep_last 0 keeps every epoch file: finding the resume point must not load them all
+    (90 ResNet-50 checkpoints), only last/best and the highest loadable epoch_NNN.pt."""
+    run_dir = str(tmp_path / "run")
+    assert train_cli.main(tiny(run_dir, "train.epochs=3", "checkpoint.every_epochs=1",
+                               "checkpoint.keep_last=0")) == 0
+    ckpts = os.path.join(run_dir, "checkpoints")
+    loaded, real = [], ckpt_io.load
+    monkeypatch.setattr(ckpt_io, "load", lambda p: (loaded.append(os.path.basename(p)),
+                                                    real(p))[1])
+    path, ckpt = ckpt_io.find_resumable(ckpts)
+    assert os.path.basename(path) == "last.pt" and ckpt["global_step"] == 24
+    assert sorted(loaded) == ["best.pt", "epoch_003.pt", "last.pt"]
+    for name in ("last.pt", "epoch_003.pt"):  # unreadable: the fallback goes one further
+        with open(os.path.join(ckpts, name), "r+b") as fh:
+            fh.truncate(100)
+    os.unlink(os.path.join(ckpts, "best.pt"))
+    loaded.clear()
+    warnings = []
+    path, ckpt = ckpt_io.find_resumable(ckpts, warn=warnings.append)
+    assert os.path.basename(path) == "epoch_002.pt" and ckpt["global_step"] == 16
+    assert loaded == ["last.pt", "epoch_003.pt", "epoch_002.pt"] and len(warnings) == 2
+
+
 class _Result:
     def __init__(self, returncode, stderr):
         self.returncode, self.stderr = returncode, stderr
