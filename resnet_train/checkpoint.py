@@ -206,7 +206,7 @@ def _epoch_number(path: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def _position(ckpt: dict) -> tuple[int, int]:
+def position(ckpt: dict) -> tuple[int, int]:
     return int(ckpt.get("global_step", 0)), int(ckpt.get("epoch", 0))
 
 
@@ -235,8 +235,8 @@ def find_resumable(directory: str, warn=print,
             warn(f"warning: skipping {e}")
             continue
         if positions is not None:
-            positions[os.path.basename(path)] = _position(ckpt)
-        if best is None or _position(ckpt) > _position(best[1]):
+            positions[os.path.basename(path)] = position(ckpt)
+        if best is None or position(ckpt) > position(best[1]):
             best = (path, ckpt)
         if _epoch_number(path) >= 0:
             break

@@ -17,7 +17,6 @@ import contextlib
 import importlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,9 +27,8 @@ from torch import Tensor, nn
 from . import __version__
 from . import checkpoint as ckpt_io
 from .config import Config, load_config
-from .errors import CheckpointError, EnvironmentFailure, ResnetTrainError, UserError, \
-    describe_os_error
-from .rundir import current_umask
+from .errors import CheckpointError, ResnetTrainError, UserError
+from .rundir import atomic_write
 
 FORMATS = ("state_dict", "torchscript", "onnx")
 ONNX_EXTRA = ("onnx", "onnxruntime", "onnxscript")  # exporter (dynamo) needs onnxscript
@@ -183,26 +181,6 @@ def _difference(ours: Tensor, theirs: Tensor, kind: str) -> tuple[float, bool]:
     atol, rtol = TOLERANCE[kind]
     diff = (ours - theirs).abs()
     return float(diff.max()), bool((diff <= atol + rtol * ours.abs()).all())
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` into a temp file next to ``path``, then rename it over ``path``: a
-    failed export or check leaves the old file (or none). OS failures are exit 4."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path),
-                                   dir=directory)
-        os.close(fd)
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # what open() would give, not mkstemp's 0o600
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        raise EnvironmentFailure(f"cannot write {path}: {describe_os_error(e)}") from e
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _write_json(path: str, obj: dict) -> None:

@@ -25,6 +25,7 @@ import os
 import shlex
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -235,3 +236,24 @@ def _dead(record: dict) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] == "Z"  # killed, not yet reaped
     except (OSError, IndexError):
         return False
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` into a temp file next to ``path``, then rename it over ``path``: a
+    failure (a failed export check, a kill) leaves the old file (or none). OS failures are
+    exit 4."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path),
+                                   dir=directory)
+        os.close(fd)
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # what open() would give, not mkstemp's 0o600
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise EnvironmentFailure(f"cannot write {path}: {describe_os_error(e)}") from e
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)

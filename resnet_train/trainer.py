@@ -145,10 +145,12 @@ class Trainer:
         self._build(ckpt, resume_path)
         del ckpt
         if info.is_main:  # the run's config, once the checkpoint is known to fit it
-            path = os.path.join(cfg.run_dir, "config.yaml")
-            with open(path + ".tmp", "w", encoding="utf-8") as fh:
-                fh.write(dump(cfg))
-            os.replace(path + ".tmp", path)  # a kill never leaves it torn
+            from .rundir import atomic_write  # a kill never leaves it torn
+
+            def write(tmp: str) -> None:
+                with open(tmp, "w", encoding="utf-8") as fh:
+                    fh.write(dump(cfg))
+            atomic_write(os.path.join(cfg.run_dir, "config.yaml"), write)
         self.logger = RunLogger(cfg.run_dir, info.is_main, self.state.step)
         self.stop = StopFlag(cfg.checkpoint.signals, cfg.checkpoint.signal_check_every,
                              self.runtime.device, info)
@@ -244,7 +246,7 @@ class Trainer:
         (best.pt is written first, then epoch_NNN.pt, last.pt, then the pruning), so the
         files are those of an uninterrupted run: training on from ``ckpt`` never writes
         them. Returns the notice."""
-        position = (ckpt["global_step"], ckpt["epoch"])
+        position = ckpt_io.position(ckpt)
         every = ckpt["config"].get("checkpoint", {}).get("every_epochs",
                                                          self.cfg.checkpoint.every_epochs)
         names = ckpt_io.epoch_end_names(ckpt, every)  # the files the save that was cut wrote
