@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,3 +45,16 @@ def records(run_dir, kind: str = "epoch") -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         recs = [json.loads(line) for line in fh if line.strip()]
     return [r for r in recs if r.get("kind") == kind]
+
+
+def wait_for(proc, text, timeout=120):
+    """Read the child's stdout until a line contains ``text``; return the lines read."""
+    lines, t0 = [], time.time()
+    while time.time() - t0 < timeout:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"never saw {text!r}; got:\n{''.join(lines)}")

@@ -14,7 +14,7 @@ from resnet_train import checkpoint as ckpt_io
 from resnet_train.cli import train as train_cli
 from resnet_train.errors import CheckpointError
 
-from .helpers import cli, popen, tiny
+from .helpers import cli, popen, tiny, wait_for
 
 DET = ["run.deterministic=true", "train.epochs=3", "checkpoint.every_epochs=1",
        "checkpoint.keep_last=0"]
@@ -79,19 +79,6 @@ def test_resume_at_epoch_boundary_is_bitwise_identical(tmp_path, uninterrupted):
     assert final["global_step"] == uninterrupted["global_step"] == 24
     assert_bitwise_equal(final["model"], uninterrupted["model"])
     assert_bitwise_equal(final["optimizer"]["state"][0], uninterrupted["optimizer"]["state"][0])
-
-
-def wait_for(proc, text, timeout=120):
-    """Read the child's stdout until a line contains ``text``; return the lines read."""
-    lines, t0 = [], time.time()
-    while time.time() - t0 < timeout:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if text in line:
-            return lines
-    raise AssertionError(f"never saw {text!r}; got:\n{''.join(lines)}")
 
 
 def test_sigterm_mid_epoch_saves_exits_and_resumes_bitwise(tmp_path, uninterrupted):

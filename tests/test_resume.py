@@ -15,7 +15,7 @@ import torch
 from resnet_train import trainer
 from resnet_train.cli import train as train_cli
 
-from .helpers import popen, records, tiny
+from .helpers import popen, records, tiny, wait_for
 
 
 def last(run_dir):
@@ -234,18 +234,6 @@ def _tb_steps(run_dir: str, tag: str) -> list[int]:
     return [e.step for e in acc.Scalars(tag)]
 
 
-def _kill_after(proc, text: str) -> None:
-    """kill -9 the training process once it printed a line with ``text``."""
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if text in line:
-            proc.kill()
-            proc.wait()
-            return
-    raise AssertionError(f"never saw {text!r}: {''.join(lines)}{proc.stderr.read()}")
-
-
 def test_tensorboard_events_are_on_disk_before_each_checkpoint(tmp_path, monkeypatch):
     """SummaryWriter's thread writes queued events a moment later (flush() waits for them):
     a kill in between would lose them for good, as the resumed run starts after them."""
@@ -268,7 +256,10 @@ def test_a_kill_before_the_first_checkpoint_leaves_no_duplicate_records(tmp_path
     """The next start is a fresh one: what the killed run logged goes, not twice."""
     run_dir = str(tmp_path / "run")
     args = tiny(run_dir, "train.epochs=1", "run.log_every=1", "checkpoint.every_steps=0")
-    _kill_after(popen("train", *args), "epoch 0 step 3/8")
+    proc = popen("train", *args)
+    wait_for(proc, "epoch 0 step 3/8")
+    proc.kill()
+    proc.wait()
     assert not glob.glob(os.path.join(run_dir, "checkpoints", "*.pt"))
     assert [r["global_step"] for r in records(run_dir, "step")][:3] == [1, 2, 3]
     # TensorBoard orders event files by name, which starts with the creation second: the
