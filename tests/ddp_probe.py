@@ -1,7 +1,7 @@
 """resnet-train under torchrun with one test hook: ``python ddp_probe.py MODE args...``.
 
-slow_save: rank 0's checkpoint writes take 1.5 s; every rank prints when it leaves a save.
-disk_full: rank 0's checkpoint writes fail with ENOSPC.
+slow_then_full: rank 0's checkpoint writes take 1.5 s; the first one succeeds, every later
+one fails with ENOSPC. Every rank prints when it leaves a save.
 """
 
 import errno
@@ -16,12 +16,18 @@ from resnet_train import trainer
 from resnet_train.cli import train as train_cli
 
 mode, rank = sys.argv[1], int(os.environ["RANK"])
-if mode == "slow_save":
-    real_atomic, real_save = ckpt_io.atomic_save, trainer.Trainer._save
+if mode == "slow_then_full":
+    real_atomic, real_save, writes = ckpt_io.atomic_save, trainer.Trainer._save, []
+
+    def full(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     def slow(obj, path):
         time.sleep(1.5)
+        if rank == 0 and writes:  # the disk is full from the second write on
+            torch.save = full
         real_atomic(obj, path)
+        writes.append(path)
         print(f"probe: rank {rank} wrote {os.path.basename(path)} at {time.time():.3f}",
               flush=True)
 
@@ -29,8 +35,7 @@ if mode == "slow_save":
         real_save(self, names)
         print(f"probe: rank {rank} left save at {time.time():.3f}", flush=True)
     ckpt_io.atomic_save, trainer.Trainer._save = slow, save
-elif mode == "disk_full" and rank == 0:
-    def full(obj, f, *a, **k):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    torch.save = full
-sys.exit(train_cli.main(sys.argv[2:]))
+rc = train_cli.main(sys.argv[2:])
+# printed by the worker itself: torchrun may stop a slower rank before it reports its code
+print(f"probe: rank {rank} exits {rc}", flush=True)
+sys.exit(rc)

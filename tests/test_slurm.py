@@ -9,7 +9,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import time
 
 import pytest
 import torch
@@ -67,10 +66,8 @@ def test_sbatch_script_saves_requeues_and_resumes_on_the_warning_signal(tmp_path
         lines.append(line)
         if "epoch 0 step 3/8" in line:
             break
-    t0 = time.time()
     proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@180 does
     out = "".join(lines) + proc.communicate(timeout=120)[0]
-    assert time.time() - t0 < 60
     assert proc.returncode != 0
     assert "received SIGTERM: saved" in out, out[-3000:]
     assert "resuming from" not in out  # torchrun did not restart the workers
