@@ -22,7 +22,7 @@ import torch.nn as nn
 from . import checkpoint as ckpt_io
 from . import distributed as dist_utils
 from .config import Config, dump, resume_changes, resume_notice, resume_refusal, to_dict
-from .data import final_val_config
+from .data import BadImages, final_val_config
 from .data.sampling import batch_generator
 from .engine import (SCALER_CALIBRATION, Meter, Timer, TrainStep, evaluate, precise_bn,
                      scorer_for, stage_groups)
@@ -296,11 +296,12 @@ class Trainer:
             self.train_step.grad_groups = stage_groups(self.model)
         self.epoch_meter, self.window_meter = Meter(runtime.device), Meter(runtime.device)
         self.timer = Timer()
+        self.train_bad = BadImages(self.data.train, runtime.device)
         self.state = ckpt_io.TrainState(
             {"model": self.model, "optimizer": ckpt_io.OptimizerPart(optimizer),
              "schedule": self.schedule, "scaler": scaler, "train_step": self.train_step,
              "epoch_meter": self.epoch_meter, "window_meter": self.window_meter,
-             "timer": self.timer,
+             "timer": self.timer, "bad_images": self.train_bad,
              "normalization": Normalization(self.data, cfg.data.normalize)},
             to_dict(cfg), self.steps_per_epoch, total, info)
         self.state.classes = self.data.info.get("classes")  # for resnet-export, resnet-eval
@@ -461,11 +462,13 @@ class Trainer:
             if val is None:
                 self._save(("last.pt",))
                 return True
-        bad, bad_paths = self.data.train.bad_report()
+        self.train_bad.collect()
+        bad_paths = self.train_bad.paths
+        # (an interrupted validation is redone whole: its count need not be saved)
         val_bad, val_paths = self.data.val.bad_report()
         # One collective: the epoch's sums, the skipped-run check and the unreadable-image
         # counts (each rank decodes its own shard: the counts add up).
-        train = self._read(self.epoch_meter, (float(bad), float(val_bad)))
+        train = self._read(self.epoch_meter, (self.train_bad.count, float(val_bad)))
         bad, val_bad = (int(v) for v in train["extra"])
         self.schedule.on_epoch_end(epoch, None if val is None else 1.0 - val["top1"])
         improved = val is not None and val["top1"] > st.best_top1
@@ -478,6 +481,7 @@ class Trainer:
             st.final_eval = self._report_final(epoch, final)
         self.epoch_meter.reset()
         self.timer.reset()
+        self.train_bad.reset()
         st.epoch_end_pending, st.metrics = False, rec
         names = ["last.pt"] + (["best.pt"] if improved else [])
         if cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0:
@@ -501,7 +505,7 @@ class Trainer:
         """BatchNorm statistics of the current weights over the epoch's first
         train.precise_bn batches (the same ones whatever the interruptions: resumable)."""
         cfg, device, gen = self.cfg, self.runtime.device, torch.Generator(self.runtime.device)
-        batches = self.data.train.batches(epoch, 0)
+        batches = self.data.train.uncounted_batches(epoch, 0)  # (counted when trained on)
         # the batches as trained on: same images, same augmentation draws
         inputs = (self.data.train_prep(x.to(device, non_blocking=True),
                                        batch_generator(cfg.run.seed, epoch, i, 0, gen))
@@ -518,10 +522,15 @@ class Trainer:
     def _report_final(self, epoch: int, final: dict) -> dict:
         """The final evaluation's record: metrics.jsonl "final", TB final/*, the console."""
         protocol = self.cfg.data.val.final_protocol
+        bad, paths = self.data.final.bad_report()
+        bad = int(self._reduce([float(bad)])[0])  # (a collective: every rank is here)
         rec = {"kind": "final", "epoch": epoch, "global_step": self.state.step,
                "protocol": protocol, "val_loss": final["loss"], "val_top1": final["top1"],
-               "val_top5": final["top5"], "val_n": final["n"]}
+               "val_top5": final["top5"], "val_n": final["n"], "val_bad_images": bad}
         if self.info.is_main:
+            if bad:
+                eg = (", e.g. " + ", ".join(paths[:3])) if paths else " (on other ranks)"
+                say(f"warning: final evaluation: skipped {bad} unreadable val images{eg}")
             self.logger.record(rec)
             self.logger.scalars({"final/top1": final["top1"], "final/top5": final["top5"],
                                  "final/loss": final["loss"]}, self.state.step)
@@ -584,7 +593,7 @@ class Trainer:
         """||F(x)|| / ||x|| per block on the first validation batch (eval mode, which
         leaves every buffer alone); the model's mode is put back."""
         from .models import collect_block_norms, set_report_norms
-        batches = self.data.val.batches(0, 0)
+        batches = self.data.val.uncounted_batches(0, 0)  # (not a validation: not counted)
         x, _ = next(iter(batches))
         _close(batches)
         if x.dim() == 5:  # a ten-crop batch: its first view of each image
@@ -634,6 +643,7 @@ class Trainer:
     def _save(self, names: tuple[str, ...]) -> None:
         """Write the named checkpoint files. Every rank calls this at the same point and
         returns only once rank 0's files are on disk (or all raise its write error)."""
+        self.train_bad.collect()
         self.state.gather_sums()
         error = None
         if self.info.is_main:

@@ -83,6 +83,87 @@ def test_bad_images_are_counted_per_epoch_and_reported(trained, capsys):
     assert [r["val_n"] for r in recs] == [10, 10]  # the bad one is replaced, not dropped
 
 
+BROKEN = ("circle/broken0.jpg", "hstripes/broken1.jpg", "vstripes/broken2.jpg")
+# every train image in every epoch (40 files, batch 10): each epoch meets each broken file
+BAD_ARGS = ("train.precise_bn=2", "model.log_block_norms=true", "run.diagnostics_every=2",
+            "data.val.final_protocol=ten_crop", "checkpoint.every_steps=3")
+
+
+@pytest.fixture(scope="module")
+def bad_root(tmp_path_factory):
+    """40 train files, 3 of them unreadable; 10 val files, 1 unreadable."""
+    root = tmp_path_factory.mktemp("bad")
+    for split, n in (("train", (13, 12, 12)), ("val", (3, 3, 3))):
+        for c, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n[c]):
+                picture(c, 100 * c + i).save(root / split / name / f"{i:03d}.jpg")
+    for name in BROKEN:
+        (root / "train" / name).write_bytes(b"\xff\xd8\xff" + os.urandom(200))
+    (root / "val" / "hstripes" / "notes.png").write_text("not an image")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def bad_run(bad_root, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("badrun"))
+    assert train_cli.main(folder_args(bad_root, run_dir, *BAD_ARGS)) == 0
+    return run_dir
+
+
+def test_each_unreadable_image_is_counted_once_an_epoch(bad_run):
+    """Precise BN and the block norms (epoch end and diagnostics) read batches again:
+    only the training and the validation passes count."""
+    assert [r["bad_images"] for r in records(bad_run)] == [3, 3]
+    assert [r["val_bad_images"] for r in records(bad_run)] == [1, 1]
+    (final,) = records(bad_run, "final")  # the final evaluation's own pass
+    assert final["val_bad_images"] == 1 and final["val_n"] == 10
+
+
+@pytest.mark.parametrize("stop_at", [6, 0], ids=["mid-epoch", "during-validation"])
+def test_a_stopped_run_reports_the_bad_images_of_an_uninterrupted_one(
+        bad_root, bad_run, tmp_path, monkeypatch, capsys, stop_at):
+    """Stopped at epoch 1 step 2 (4 steps an epoch), or during epoch 0's validation (poll
+    0 is a validation batch's), then resumed: the counts and the named files are those of
+    the run that was never stopped (the count so far is in the checkpoint)."""
+    from resnet_train.trainer import PREEMPTED_EXIT, StopFlag
+    poll, fired = StopFlag.poll, []
+
+    def preempt(self, step):
+        if step == stop_at and not fired:
+            fired.append(step)
+            self.received = "SIGTERM"
+        return poll(self, step)
+    monkeypatch.setattr(StopFlag, "poll", preempt)
+    run_dir = str(tmp_path / "run")
+    assert train_cli.main(folder_args(bad_root, run_dir, *BAD_ARGS)) == PREEMPTED_EXIT
+    saved = torch.load(os.path.join(run_dir, "checkpoints", "last.pt"), weights_only=True)
+    assert saved["epoch_end_pending"] == (stop_at == 0)
+    if stop_at == 0:  # the whole of epoch 0 trained: its three
+        assert saved["bad_images"]["count"] == 3
+        assert sorted(saved["bad_images"]["paths"]) == [os.path.join(bad_root, "train", b)
+                                                        for b in BROKEN]
+    capsys.readouterr()
+    assert train_cli.main(folder_args(bad_root, run_dir, *BAD_ARGS)) == 0
+    out = capsys.readouterr().out
+    keys = ("epoch", "bad_images", "val_bad_images")
+    assert [[r[k] for k in keys] for r in records(run_dir)] == \
+        [[r[k] for k in keys] for r in records(bad_run)] == [[0, 3, 1], [1, 3, 1]]
+    named = [line for line in out.splitlines() if "unreadable train images" in line]
+    assert len(named) == (2 if stop_at == 0 else 1)  # the epoch ends of the resumed run
+    assert all(os.path.basename(b) in named[0] for b in BROKEN), named
+
+
+def test_resnet_eval_reports_the_unreadable_images_it_replaced(bad_run, bad_root, capsys):
+    last = os.path.join(bad_run, "checkpoints", "last.pt")
+    r = eval_cli.evaluate_checkpoint(last, None, [f"data.root={bad_root}"])
+    assert r["protocols"]["center"]["bad_images"] == 1 and r["n"] == 10
+    assert r["protocols"]["center"]["bad_paths"][0].endswith("notes.png")
+    capsys.readouterr()
+    assert eval_cli.main(["--checkpoint", last, f"data.root={bad_root}"]) == 0
+    assert "warning: center: skipped 1 unreadable images" in capsys.readouterr().out
+
+
 def test_bad_image_warning_names_the_file(data_root, tmp_path, capsys):
     assert train_cli.main(folder_args(data_root, str(tmp_path / "r"), "train.epochs=1")) == 0
     out = capsys.readouterr()

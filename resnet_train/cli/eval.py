@@ -221,14 +221,18 @@ def score(subject: Subject, protocols: list[str] | None = None,
 def score_protocol(model, loader, prep, pcfg, runtime, info, num_classes: int,
                    per_class: bool) -> dict:
     """One pass over the validation split: the numbers, the wall time, the protocol's keys."""
+    from .. import distributed as dist_utils
     from ..engine import evaluate, scorer_for
     val = pcfg.data.val
     start = time.perf_counter()
     r = evaluate(model, loader, prep, runtime, info, views=scorer_for(val),
                  confusion=num_classes if per_class else 0)
     seconds = time.perf_counter() - start  # evaluate ends with a read: the device is done
+    bad, bad_paths = loader.bad_report()  # (data.on_bad_image=skip: replaced, in n)
+    bad = int(dist_utils.all_reduce_sum([float(bad)], runtime.device, info)[0])
     out = {"loss": r["loss"], "top1": r["top1"], "top5": r["top5"], "n": r["n"],
-           "seconds": seconds, "images_per_s": r["n"] / seconds if seconds > 0 else None}
+           "seconds": seconds, "images_per_s": r["n"] / seconds if seconds > 0 else None,
+           "bad_images": bad, "bad_paths": bad_paths}
     out.update({k: getattr(val, k) for k in PROTOCOL_KEYS[val.protocol]})
     if per_class:
         out["confusion"] = r["confusion"]
@@ -343,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
         print(describe(r))
         print(table(r))
         for name, p in r["protocols"].items():
+            if p["bad_images"]:
+                some = p["bad_paths"][:3]
+                eg = (", e.g. " + ", ".join(some)) if some else " (on other ranks)"
+                print(f"warning: {name}: skipped {p['bad_images']} unreadable images, each "
+                      f"replaced by another image of the split (counted in N){eg}")
             if "per_class" in p:
                 print(per_class_text(name, p))
         if args.json:

@@ -32,12 +32,53 @@ class Loader:
         """Batches of one epoch beginning at batch ``start`` (mid-epoch resume)."""
         raise NotImplementedError
 
+    def uncounted_batches(self, epoch: int, start: int = 0):
+        """``batches`` left out of ``bad_report``: a second look at batches that were (or
+        will be) counted once already (precise BN, block norms)."""
+        return self.batches(epoch, start)
+
     def bad_report(self) -> tuple[int, list[str]]:
         """(count, first paths) of images skipped as unreadable since the last call."""
         return 0, []
 
     def close(self) -> None:
         """Release workers; the loader is not used afterwards."""
+
+
+REPORT_PATHS = 10  # bad paths kept for a report
+
+
+class BadImages:
+    """The unreadable images a loader skipped in this epoch so far, as a checkpointed part:
+    a mid-epoch resume, or a pending epoch end, still reports the whole epoch. The count is
+    a device sum of this rank's images (all-reduced onto rank 0 before a save, as the
+    meters); the paths are the first few this rank saw."""
+
+    def __init__(self, loader: Loader, device: torch.device):
+        self.loader = loader
+        self.count = torch.zeros(1, dtype=torch.float64, device=device)
+        self.paths: list[str] = []
+
+    def collect(self) -> None:
+        """Take in what the loader counted since the last call."""
+        n, paths = self.loader.bad_report()
+        if n:
+            self.count += n
+            self.paths = list(dict.fromkeys(self.paths + paths))[:REPORT_PATHS]
+
+    def reset(self) -> None:
+        self.count.zero_()
+        self.paths = []
+
+    def local_sums(self) -> list[torch.Tensor]:
+        return [self.count]
+
+    def state_dict(self) -> dict:
+        return {"count": self.count.item(), "paths": list(self.paths)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count.fill_(float(state["count"]))
+        self.paths = [str(p) for p in state["paths"]][:REPORT_PATHS]
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import ConfigError, DataError
-from . import DataBundle, Loader, final_val_config
+from . import REPORT_PATHS, DataBundle, Loader, final_val_config
 from .geometry import (Crop, crop_box_center, crop_box_full, crop_box_paper, crop_box_resized,
                        crop_box_rrc)
 from .device_decode import FIXED_SIZE, Encoded, decode_on_device
@@ -39,7 +39,6 @@ from .views import ten_crop
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MAX_TRIES = 10          # replacement attempts for an unreadable image (on_bad_image: skip)
-REPORT_PATHS = 10       # bad paths kept for bad_report()
 PREPARE_HINT = "scripts/prepare_imagenet_val.py"
 
 
@@ -308,6 +307,12 @@ class FolderLoader(Loader):
         return self.num_batches
 
     def batches(self, epoch: int, start: int = 0):
+        return self._batches(epoch, start, count=True)
+
+    def uncounted_batches(self, epoch: int, start: int = 0):
+        return self._batches(epoch, start, count=False)
+
+    def _batches(self, epoch: int, start: int, count: bool):
         self._keys.keys = [(epoch, self.order(epoch, b)) for b in range(start, self.num_batches)]
         if self._ring is not None:
             self._ring.new_pass()
@@ -321,7 +326,7 @@ class FolderLoader(Loader):
                 x = self._ring.deliver(x).permute(0, 3, 1, 2)
             elif isinstance(x, Encoded):
                 x, y, bad = self._decode(x, y, bad)
-            if bad:
+            if bad and count:
                 self._bad_count += len(bad)
                 for p, _ in bad:
                     if len(self._bad_paths) < REPORT_PATHS and p not in self._bad_paths:
