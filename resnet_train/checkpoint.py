@@ -39,10 +39,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def rng_state() -> dict:
+    """The global RNG states of the saving process (rank 0). Every rank seeds alike and draws
+    alike (same shapes), so they hold for every rank; on CUDA rank r draws on its own device,
+    whose state is rank 0's current device's ("cuda_current"), not rank 0's copy of device
+    r's (which rank 0 never drew from)."""
+    cuda = torch.cuda.is_initialized()
     state: dict[str, Any] = {
         "python": random.getstate(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "cuda": torch.cuda.get_rng_state_all() if cuda else [],
+        "cuda_current": torch.cuda.get_rng_state() if cuda else None,
     }
     if "numpy" in sys.modules:
         kind, keys, pos, has_gauss, cached = sys.modules["numpy"].random.get_state()
@@ -57,6 +63,8 @@ def set_rng_state(state: dict) -> None:
     if state.get("cuda") and torch.cuda.is_available():
         for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s, i)
+        if state.get("cuda_current") is not None:  # (older checkpoints: device i's own)
+            torch.cuda.set_rng_state(state["cuda_current"], torch.cuda.current_device())
     if state.get("numpy") and "numpy" in sys.modules:
         np = sys.modules["numpy"]
         kind, keys, pos, has_gauss, cached = state["numpy"]

@@ -332,3 +332,25 @@ def test_last_pt_is_written_after_best_and_epoch_files(tmp_path, monkeypatch):
     assert train_cli.main(tiny(str(tmp_path / "r"), "train.epochs=1",
                                "checkpoint.every_epochs=1")) == 0
     assert order[-1] == "last.pt" and set(order) == {"best.pt", "epoch_001.pt", "last.pt"}
+
+
+def test_each_rank_restores_the_cuda_rng_of_its_own_device(monkeypatch):
+    """Under DDP on CUDA rank r draws (dropout) on device r. The checkpoint is rank 0's: its
+    device 0 state is the advanced one, its copy of device 1 was never drawn from. Rank 1
+    must get the advanced state on its device, as every rank draws alike."""
+    advanced, untouched = (torch.tensor([v], dtype=torch.uint8) for v in (1, 2))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [advanced, untouched])
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": advanced)
+    saved = ckpt_io.rng_state()  # on rank 0, whose current device is 0
+    assert saved["cuda_current"] is advanced
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # on rank 1
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: restored.__setitem__(d, s))
+    ckpt_io.set_rng_state(saved)
+    assert restored[1] is advanced
+    restored.clear()
+    ckpt_io.set_rng_state({**saved, "cuda_current": None})  # an older checkpoint: as before
+    assert restored == {0: advanced, 1: untouched}
