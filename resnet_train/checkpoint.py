@@ -261,8 +261,9 @@ class TrainState:
     an absent part, e.g. no grad scaler). The position is ``step``, the number of optimizer
     iterations done; ``epoch_end_pending`` marks a save made after an epoch's last step but
     before its validation finished (a signal arrived during it): the resumed run validates
-    first. Parts with rank-local device sums (meters, the warm-up window) expose
-    ``local_sums()``; before a save they are all-reduced onto rank 0, which alone writes.
+    first. Parts with rank-local device sums (meters, the warm-up window, the bad-image
+    count) expose ``local_sums()``; before a save they are all-reduced onto rank 0, which
+    alone writes.
     """
 
     def __init__(self, parts: dict[str, Any], config: dict, steps_per_epoch: int,

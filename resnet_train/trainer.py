@@ -121,7 +121,7 @@ class Trainer:
         if self.data is not None:
             self.data.close()
         for name in ("train_step", "state", "model", "data", "schedule", "epoch_meter",
-                     "window_meter"):
+                     "window_meter", "train_bad"):
             self.__dict__.pop(name, None)
         gc.collect()
         if self.lock is not None:
