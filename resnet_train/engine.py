@@ -49,8 +49,9 @@ class Meter:
         loss, c1, c5, n, skipped, *rest = dist_utils.all_reduce_sum(
             torch.cat([self.sums, *parts]), dev, info)
         per = max(n, 1.0)
+        # Every rank decides a skip from the same all-reduced gradients: each counted it.
         return {"loss": loss / per, "top1": c1 / per, "top5": c5 / per, "n": int(n),
-                "skipped": int(skipped), "extra": rest}
+                "skipped": round(skipped / info.world), "extra": rest}
 
     def local_sums(self) -> list[torch.Tensor]:
         return [self.sums]
@@ -64,22 +65,36 @@ class Meter:
 
 @dataclass
 class Timer:
-    """Host-side time and counts of the current epoch (kept across a mid-epoch resume)."""
+    """Host-side time and counts of the current epoch (kept across a mid-epoch resume), and
+    where the current log window began, relative to them (a window may span an epoch end)."""
 
     wall: float = 0.0        # seconds in training steps, data waits included
     data_wait: float = 0.0   # seconds blocked on the loader
     steps: int = 0
     images: int = 0          # global images (all ranks)
+    window_wall: float = 0.0  # wall and images at the previous log point
+    window_images: int = 0
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, type(getattr(self, f.name))(state[f.name]))
+        for f in dataclasses.fields(self):  # (checkpoints before the window: it starts here)
+            setattr(self, f.name, type(getattr(self, f.name))(state.get(f.name, f.default)))
+
+    def window_rate(self, wall: float) -> float | None:
+        """Images/s since the previous call, ``wall`` being this epoch's wall so far; starts
+        the next window. None if no time passed."""
+        images, secs = self.images - self.window_images, wall - self.window_wall
+        self.window_images, self.window_wall = self.images, wall
+        return images / secs if secs > 0 else None
 
     def reset(self) -> None:
-        self.load_state_dict(dataclasses.asdict(Timer()))
+        """A new epoch: its counts start at 0, the open window goes on."""
+        self.window_wall -= self.wall
+        self.window_images -= self.images
+        self.wall = self.data_wait = 0.0
+        self.steps = self.images = 0
 
 
 class _BufferGuard:

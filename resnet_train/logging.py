@@ -19,22 +19,27 @@ def say(msg: str) -> None:
 class RunLogger:
     """Rank 0's writer of metrics.jsonl and TensorBoard scalars; inert on other ranks."""
 
-    def __init__(self, run_dir: str, enabled: bool, resume_step: int = 0):
+    def __init__(self, run_dir: str, enabled: bool, resume_step: int = 0,
+                 redo_epoch_end: bool = False):
         """``resume_step``: the global step training starts from (0 for a fresh start, which
-        forgets what a run killed before its first checkpoint logged)."""
+        forgets what a run killed before its first checkpoint logged); ``redo_epoch_end``:
+        the resumed run starts by redoing the epoch end at that step (its checkpoint was
+        saved while it was pending), so the epoch and final records there go too: a run
+        stopped after writing them, before its next save, must not leave them twice."""
         self.enabled = enabled
         self.tb = None
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         if not enabled:
             return
-        self._drop_after(resume_step)
+        self._drop_after(resume_step, redo_epoch_end)
         from torch.utils.tensorboard import SummaryWriter
         # purge_step hides events from steps that this run repeats; events are logged at
         # the global step reached, so those at resume_step itself are kept.
         self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resume_step + 1)
 
-    def _drop_after(self, step: int) -> None:
-        """Forget metric lines past global step ``step``: the resumed run writes them again."""
+    def _drop_after(self, step: int, redo_epoch_end: bool) -> None:
+        """Forget metric lines past global step ``step`` (and the epoch end's at ``step``
+        when it is redone): the resumed run writes them again."""
         if not os.path.exists(self.metrics_path):
             return
         with open(self.metrics_path, encoding="utf-8") as fh:
@@ -45,7 +50,9 @@ class RunLogger:
                 rec = json.loads(ln)
             except json.JSONDecodeError:
                 continue  # a line torn by a crash
-            if rec.get("global_step", 0) <= step:
+            at = rec.get("global_step", 0)
+            if at < step or (at == step and not (
+                    redo_epoch_end and rec.get("kind") in ("epoch", "final"))):
                 keep.append(json.dumps(rec) + "\n")
         tmp = self.metrics_path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as fh:

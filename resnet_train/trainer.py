@@ -151,7 +151,8 @@ class Trainer:
                 with open(tmp, "w", encoding="utf-8") as fh:
                     fh.write(dump(cfg))
             atomic_write(os.path.join(cfg.run_dir, "config.yaml"), write)
-        self.logger = RunLogger(cfg.run_dir, info.is_main, self.state.step)
+        self.logger = RunLogger(cfg.run_dir, info.is_main, self.state.step,
+                                redo_epoch_end=self.state.epoch_end_pending)
         self.stop = StopFlag(cfg.checkpoint.signals, cfg.checkpoint.signal_check_every,
                              self.runtime.device, info)
         self.progress = Progress(cfg.run.progress, info.is_main)
@@ -308,8 +309,10 @@ class Trainer:
         if ckpt is not None:
             self.state.load_state_dict(ckpt, path)
             if info.is_main:
-                say(f"resuming from {path}: epoch {self.state.epoch} step "
-                    f"{self.state.step % self.steps_per_epoch} (global step {self.state.step})")
+                st, spe = self.state, self.steps_per_epoch
+                where = (f"epoch {(st.step - 1) // spe}'s validation" if st.epoch_end_pending
+                         else f"epoch {st.epoch} step {st.step % spe}")
+                say(f"resuming from {path}: {where} (global step {st.step})")
         # Wrapped after loading: DDP broadcasts rank 0's weights when it is built.
         model: nn.Module = torch.compile(self.model) if cfg.train.compile else self.model
         if info.enabled:
@@ -372,9 +375,9 @@ class Trainer:
             st.step += 1
             self.timer.steps += 1
             self.timer.images += x.shape[0] * info.world
-            self.progress.tick(step + 1)
-            self._log_points(lr)
             self.timer.data_wait += t1 - t0
+            self.progress.tick(step + 1)
+            self._log_points(lr, t0)
             self.timer.wall += time.perf_counter() - t0
             saved = False
             if st.step % spe == 0 or st.step == st.total_steps:
@@ -394,10 +397,11 @@ class Trainer:
                 f"checkpoints in {self.ckpt_dir}")
         return 0
 
-    def _log_points(self, lr: float) -> None:
+    def _log_points(self, lr: float, t0: float) -> None:
+        """``t0``: when this step began (its time is not in the timer yet)."""
         step, diag = self.state.step, self.cfg.run.diagnostics_every
         if step % self.cfg.run.log_every == 0:
-            self._log_step(lr)
+            self._log_step(lr, t0)
         if diag and step % diag == 0 and self.info.is_main:
             self._log_diagnostics(step)
 
@@ -418,19 +422,20 @@ class Trainer:
         vals["extra"] = vals["extra"][1:]
         return vals
 
-    def _log_step(self, lr: float) -> None:
-        """Windowed train loss and error since the last log point: metrics.jsonl, TB, console."""
+    def _log_step(self, lr: float, t0: float) -> None:
+        """Windowed train loss, error and speed since the last log point: metrics.jsonl, TB,
+        the console."""
         w = self._read(self.window_meter)
         self.window_meter.reset()
         st = self.state
-        timer = self.timer
+        # after the read: on a GPU it waits for the window's queued work
+        rate = self.timer.window_rate(self.timer.wall + time.perf_counter() - t0)
         rec = {"kind": "step", "global_step": st.step,
                "epoch": (st.step - 1) // self.steps_per_epoch, "lr": lr,
                "train_loss": w["loss"] if w["n"] else None,
                "train_error": 1.0 - w["top1"] if w["n"] else None,
                "train_top1": w["top1"] if w["n"] else None, "n": w["n"],
-               "skipped_steps": w["skipped"],
-               "images_per_sec": timer.images / max(timer.wall, 1e-9)}
+               "skipped_steps": w["skipped"], "images_per_sec": rate}
         if not self.info.is_main:
             return
         self.logger.record(rec)
@@ -440,7 +445,7 @@ class Trainer:
         self.progress.show(st.step - rec["epoch"] * self.steps_per_epoch, {
             "loss": nan if rec["train_loss"] is None else rec["train_loss"],
             "top1": nan if rec["train_top1"] is None else rec["train_top1"], "lr": lr,
-            "img/s": rec["images_per_sec"]})
+            "img/s": nan if rate is None else rate})
 
     # -- the epoch end -----------------------------------------------------------------------
 
@@ -552,8 +557,10 @@ class Trainer:
         v = val or {}
         return {"kind": "epoch", "epoch": epoch, "global_step": self.state.step,
                 "lr": self.train_step.optimizer.param_groups[0]["lr"],
-                "train_loss": train["loss"], "train_top1": train["top1"],
-                "train_top5": train["top5"], "val_protocol": self.cfg.data.val.protocol,
+                # (None: every step of the epoch was skipped)
+                **{f"train_{k}": train[k] if train["n"] else None for k in ("loss", "top1",
+                                                                             "top5")},
+                "val_protocol": self.cfg.data.val.protocol,
                 "val_loss": v.get("loss"),
                 "val_top1": v.get("top1"), "val_top5": v.get("top5"), "val_n": v.get("n"),
                 **perf, "bad_images": bad, "val_bad_images": val_bad,
@@ -584,8 +591,10 @@ class Trainer:
         val_txt = "" if val is None else (f" | val loss {val['loss']:.4f} top1 "
                                           f"{val['top1']:.4f} top5 {val['top5']:.4f}")
         mem = f", peak {rec['peak_mem_gb']:.1f} GiB" if "peak_mem_gb" in rec else ""
-        say(f"epoch {epoch}: train loss {rec['train_loss']:.4f} top1 {rec['train_top1']:.4f}"
-            f"{val_txt} | lr {rec['lr']:.4g} | {rec['images_per_sec']:.0f} img/s, "
+        train_txt = "every step skipped" if rec["train_loss"] is None else (
+            f"loss {rec['train_loss']:.4f} top1 {rec['train_top1']:.4f}")
+        say(f"epoch {epoch}: train {train_txt}{val_txt} | lr {rec['lr']:.4g} | "
+            f"{rec['images_per_sec']:.0f} img/s, "
             f"{1e3 * rec['step_seconds']:.0f} ms/step, data wait "
             f"{100 * rec['data_wait_frac']:.0f}%{mem}, {rec['epoch_seconds']:.1f}s")
 
@@ -633,8 +642,9 @@ class Trainer:
         if self.info.is_main:
             st = self.state
             epoch, step = divmod(st.step, self.steps_per_epoch)
-            where = f"at epoch {epoch} step {step}" + (
-                " (before its validation)" if st.epoch_end_pending else "")
+            where = (f"after epoch {(st.step - 1) // self.steps_per_epoch}'s last step, before "
+                     "its validation" if st.epoch_end_pending else
+                     f"at epoch {epoch} step {step}")
             say(f"received {self.stop.received or 'a stop signal on another rank'}: saved "
                 f"{os.path.join(self.ckpt_dir, 'last.pt')} {where}; run the same command to "
                 f"resume (exit code {PREEMPTED_EXIT})")

@@ -243,3 +243,30 @@ def test_grad_norms_per_stage_are_the_steps_gradients():
     assert set(step.grad_norms) == set(groups)
     for k, v in expect.items():
         torch.testing.assert_close(step.grad_norms[k], v)
+
+
+def test_a_skipped_step_counts_once_over_ranks(monkeypatch):
+    """Every rank skips a step from the same all-reduced gradients and counts it: the read
+    over ranks is one skipped step, not one per rank (the means are sums over ranks)."""
+    from resnet_train import distributed as dist_utils
+    from resnet_train.distributed import DistInfo
+    monkeypatch.setattr(dist_utils, "all_reduce_sum", lambda t, dev, info: (t * 2).tolist())
+    m = Meter(torch.device("cpu"))
+    m.add(torch.tensor([6.0, 2.0, 3.0, 4.0, 1.0], dtype=torch.float64))  # as on both ranks
+    v = m.read(DistInfo(rank=0, world=2, local_rank=0))
+    assert (v["n"], v["skipped"], v["top1"]) == (8, 1, 0.5)
+
+
+def test_the_timer_window_spans_an_epoch_end_and_a_resume():
+    t = engine.Timer(wall=6.0, images=128)
+    assert t.window_rate(8.0) == 16.0          # 128 images in the first 8 s of the epoch
+    t.images, t.wall = 256, 12.0
+    t.reset()                                  # the epoch ends 4 s and 128 images later
+    saved = t.state_dict()
+    t = engine.Timer()
+    t.load_state_dict(saved)
+    t.images = 64
+    assert t.window_rate(4.0) == 192 / 8.0     # 128 + 64 images in 4 + 4 s
+    old = engine.Timer()                       # a checkpoint from before the window
+    old.load_state_dict({"wall": 3.0, "data_wait": 0.0, "steps": 2, "images": 64})
+    assert old.window_rate(4.0) == 16.0

@@ -165,6 +165,35 @@ def test_a_signal_during_validation_saves_the_pending_epoch_end(tmp_path, monkey
         assert torch.equal(v, last(split)["model"][k]), k
 
 
+def test_a_redone_epoch_end_stopped_before_its_save_leaves_one_record(tmp_path, monkeypatch,
+                                                                     capsys):
+    """The resumed run redoes the pending epoch end and records it; when its checkpoint
+    write then fails (disk full), last.pt still holds the pending epoch end: the next
+    resume redoes it again, and the first record of it must not stay."""
+    run_dir = str(tmp_path / "run")
+    real_validate, real_save = trainer.Trainer._validate, torch.save
+
+    def signal_first(self):
+        self.stop.received = "SIGTERM"  # as if it arrived during validation
+        return real_validate(self)
+    monkeypatch.setattr(trainer.Trainer, "_validate", signal_first)
+    assert train_cli.main(tiny(run_dir, "train.epochs=1")) == trainer.PREEMPTED_EXIT
+    assert "last.pt after epoch 0's last step, before its validation;" in capsys.readouterr().out
+    monkeypatch.setattr(trainer.Trainer, "_validate", real_validate)
+
+    def disk_full(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", disk_full)
+    assert train_cli.main(tiny(run_dir, "train.epochs=1")) == 4
+    assert "last.pt: epoch 0's validation (global step 8)" in capsys.readouterr().out
+    assert [r["epoch"] for r in records(run_dir)] == [0]  # recorded before the failed save
+    monkeypatch.setattr(torch, "save", real_save)
+    assert last(run_dir)["epoch_end_pending"]
+    assert train_cli.main(tiny(run_dir, "train.epochs=1")) == 0
+    assert [r["epoch"] for r in records(run_dir)] == [0]
+    assert [r["global_step"] for r in records(run_dir, "step")] == [4, 8]
+
+
 def test_a_second_process_on_the_run_dir_is_refused(tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     first = popen("train", *tiny(run_dir, "train.epochs=50", "data.train_samples=1024"))

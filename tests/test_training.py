@@ -79,15 +79,17 @@ def test_amp_and_layout_resolution():
 def test_a_skipped_non_finite_step_stays_out_of_the_train_metrics(tmp_path, capsys,
                                                                   monkeypatch):
     """One poisoned batch: its step is skipped, counted and reported, and the epoch's train
-    loss is the mean over the other batches (not NaN)."""
+    loss is the mean over the other batches (not NaN). Every batch poisoned (with room in
+    train.max_bad_steps): the epoch has no train figures, not zeros."""
     from resnet_train.data import prep
     real, calls = prep.DevicePrep.__call__, []
+    poison = {3}
 
     def poisoned(self, x, gen=None):
         out = real(self, x, gen)
         if gen is not None:  # training batches only
             calls.append(1)
-            if len(calls) == 3:
+            if len(calls) in poison:
                 out = out.clone().fill_(float("nan"))
         return out
     monkeypatch.setattr(prep.DevicePrep, "__call__", poisoned)
@@ -101,6 +103,16 @@ def test_a_skipped_non_finite_step_stays_out_of_the_train_metrics(tmp_path, caps
     ckpt = last(run_dir)
     assert ckpt["global_step"] == 8 and ckpt["train_step"]["bad_run"] == 0
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+    poison.update(range(1, 9))
+    calls.clear()
+    run_dir = str(tmp_path / "all")
+    assert train_cli.main(tiny(run_dir, "train.epochs=1", "train.max_bad_steps=20")) == 0
+    out = capsys.readouterr().out
+    rec = [r for r in metrics(run_dir) if r.get("kind") == "epoch"][0]
+    assert rec["skipped_steps"] == 8
+    assert (rec["train_loss"], rec["train_top1"], rec["train_top5"]) == (None, None, None)
+    assert "epoch 0: train every step skipped | val loss" in out
 
 
 def test_non_finite_losses_stop_and_keep_the_last_good_checkpoint(tmp_path, capsys):
@@ -298,3 +310,22 @@ def test_diagnostics_log_to_tensorboard_and_leave_training_alone(tmp_path):
     assert {"diag/bn_gamma/stem", "diag/bn_gamma/layer3"} <= set(tags["histograms"])
     off_tags = EventAccumulator(os.path.join(off, "tb")).Reload().Tags()
     assert not any(t.startswith("diag/") for t in off_tags["scalars"] + off_tags["histograms"])
+
+
+def test_step_lines_report_the_speed_of_their_own_window(tmp_path, monkeypatch):
+    """A step line's images/s covers the training time since the previous step line, this
+    step included, across an epoch end (validation not counted). A fake clock that ticks 1 s
+    a reading: a step reads it at its start, after its batch, at a log point and at its end,
+    so a window of 4 steps is 8 s from the run's start, then 9 s (the previous log step's
+    tail)."""
+    from types import SimpleNamespace
+
+    from resnet_train import trainer
+    clock = iter(range(10**6))
+    monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    run_dir = str(tmp_path / "run")
+    assert train_cli.main(tiny(run_dir, "run.log_every=4")) == 0  # 8 steps of 32 an epoch
+    rates = [r["images_per_sec"] for r in records(run_dir, "step")]
+    assert rates == pytest.approx([128 / 8] + [128 / 9] * 3, rel=1e-12)
+    assert [r["images_per_sec"] for r in records(run_dir)] == pytest.approx(
+        [256 / 18, 256 / 18], rel=1e-12)  # the epoch's 8 steps: 6 x 2 s + 2 x 3 s
