@@ -21,9 +21,12 @@ def test_response_layers_are_each_3x3_convs_bn_in_order():
     names = [n for n, _ in response_layers(build_model("resnet20", 10, width=2))]
     assert len(names) == 19 and names[0] == "conv1"
     assert names[1:3] == ["layer1.0.bn1", "layer1.0.bn2"] and names[-1] == "layer3.2.bn2"
-    # full pre-activation: no BN right after a conv, so the convs' own outputs
+    # one-layer full pre-activation: no BN after the conv within a unit, so its output
     pre = [n for n, _ in response_layers(build_model("preact_resnet110_1layer", 10, width=2))]
     assert pre[1:3] == ["layer1.0.conv1", "layer1.1.conv1"]
+    # two layers: conv1 is normalised by the unit's bn2, conv2 goes into the addition
+    pre = [n for n, _ in response_layers(build_model("preact_resnet110", 10, width=2))]
+    assert pre[1:4] == ["layer1.0.bn2", "layer1.0.conv2", "layer1.1.bn2"] and len(pre) == 109
     bott = [n for n, _ in response_layers(build_model("resnet164", 10, width=2))]
     assert bott[1] == "layer1.0.bn2"  # a bottleneck's only 3x3 conv is its second
 

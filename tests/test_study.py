@@ -111,6 +111,20 @@ def test_json_and_md_hold_the_raw_numbers(tmp_path, capsys):
     assert g["paper_test_error_pct"] == {"best": 6.43, "mean": 6.61, "std": 0.16}
 
 
+def test_the_paper_column_is_only_for_table_6s_networks(tmp_path):
+    """IM Table 1's 1x1-conv shortcut ResNet-110 is another network (12.22% there): DRL's
+    ResNet-110 number is not its paper number; nor of a fine-tuned or zero-init run."""
+    from resnet_train.study.table import paper_error
+    epochs = [(100, 0.5, 0.5)]
+    plain = load_run(fake_run(tmp_path, "r", *CIFAR, "model.arch=resnet110", epochs=epochs))
+    assert paper_error(plain) == (6.43, 6.61, 0.16)
+    for i, extra in enumerate(["model.shortcut_variant=conv", "model.zero_init_residual=true",
+                               "model.shortcut_variant=scale_both", "model.freeze=[conv1]"]):
+        run = load_run(fake_run(tmp_path, f"v{i}", *CIFAR, "model.arch=resnet110", extra,
+                                epochs=epochs))
+        assert paper_error(run) is None, extra
+
+
 def test_torn_lines_skipped_and_val_from_last_validated_epoch(tmp_path):
     d = fake_run(tmp_path, "r", epochs=[(10, 0.5, 0.75), (20, 0.6, None)],
                  steps=[(5, 0.4, 1.5)], extra_lines=['{"kind": "step", "global_st', "[1]"])

@@ -3,8 +3,10 @@ each residual block's ||F(x)|| / ||x||, over validation images of a checkpoint.
 
 A response is the output of a 3x3 conv after its BN, before the addition and the ReLU (DRL
 Sec. 4.2: "the outputs of each 3x3 layer, after BN and before other nonlinearity (ReLU/
-addition)"); in a unit where no BN directly follows the conv (pre-activation, BN after the
-addition) it is the conv's output. Its std is computed per channel over images and
+addition)"), the output of the BN right after the conv wherever there is one (a
+pre-activation unit's bn2 after its conv1); where none follows the conv within the unit (a
+pre-activation unit's last conv, a one-layer pre-activation unit, BN after the addition) it
+is the conv's output. Its std is computed per channel over images and
 positions and averaged over channels (``std``; ``std_all`` is the std of all values at
 once), with the model in eval mode, as the trained net responds at test time.
 """
@@ -33,8 +35,8 @@ def response_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             conv = getattr(block, op) if op.startswith("conv") else None
             if not isinstance(conv, nn.Conv2d) or conv.kernel_size != (3, 3):
                 continue
-            bn = "bn" + op[4:]
-            after = bn if i + 1 < len(ops) and ops[i + 1] == bn else op
+            # the BN right after the conv, whatever its index (pre-activation: conv1, bn2)
+            after = ops[i + 1] if i + 1 < len(ops) and ops[i + 1].startswith("bn") else op
             out.append((f"{name}.{after}", getattr(block, after)))
     return out
 

@@ -96,10 +96,13 @@ def _fmt(s: dict | None) -> str:
 
 
 def paper_error(run: Run) -> tuple[float, float | None, float | None] | None:
-    """DRL Table 6's CIFAR-10 test error (%) for the run's network, if it is one of those."""
+    """DRL Table 6's CIFAR-10 test error (%) for the run's network, if it is one of those,
+    trained from scratch as there (IM Table 1's shortcut variants are other networks)."""
     if (run.get("data.dataset") != "cifar10" or run.get("data.val_split", "test") != "test"
             or run.get("model.shortcut") not in (None, "A")
-            or run.get("model.unit") not in (None, "original") or run.get("model.width")):
+            or run.get("model.unit") not in (None, "original") or run.get("model.width")
+            or run.get("model.shortcut_variant") is not None or run.get("model.weights")
+            or run.get("model.freeze") or run.get("model.zero_init_residual")):
         return None
     return PAPER_CIFAR10_TEST_ERROR.get(str(run.get("model.arch")))
 
