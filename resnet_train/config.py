@@ -308,7 +308,8 @@ class TrainConfig:
     channels_last: Literal["auto", "true", "false"] = opt(
         "auto", "NHWC memory format; auto = on CPU, and on CUDA with amp", resume="safe")
     compile: bool = opt(False, "torch.compile the model", resume="safe")
-    label_smoothing: float = opt(0.0, "label smoothing", resume="state", min=0, max=1,
+    label_smoothing: float = opt(0.0, "label smoothing of the objective (the logged train "
+                                 "loss stays plain cross-entropy)", resume="state", min=0, max=1,
                                  max_open=True)
     # BatchNorm sees micro-batches: a change alters the training maths, not just the memory.
     accum_steps: int = opt(1, "gradient accumulation micro-steps per optimizer step",

@@ -181,7 +181,7 @@ class TrainStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.guard.save()
-        loss_sum, correct1, correct5 = self._forward_backward(x, y)
+        loss_sum, shown_sum, correct1, correct5 = self._forward_backward(x, y)
         good = self._guarded_update(loss_sum)
         if self.want_grad_norms:
             self.grad_norms = grad_norms(self.grad_groups)
@@ -190,13 +190,14 @@ class TrainStep:
         bad = (~good).double()
         self.bad_run.add_(1).mul_(bad)
         torch.maximum(self.peak_bad_run, self.bad_run, out=self.peak_bad_run)
-        stats = torch.stack([loss_sum.double(), correct1, correct5, self._n(x.shape[0])])
+        stats = torch.stack([shown_sum.double(), correct1, correct5, self._n(x.shape[0])])
         # where, not a product: a skipped step's NaN loss times 0 would still be NaN
         return torch.cat([torch.where(good, stats, 0.0), bad.view(1)])
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor):
+        """Sums over the batch: the objective (for the skip), the shown loss, the hits."""
         micro = x.shape[0] // self.accum_steps
-        loss_sum = correct1 = correct5 = None
+        loss_sum = shown_sum = correct1 = correct5 = None
         for i, (xs, ys) in enumerate(zip(x.split(micro), y.split(micro), strict=True)):
             last = i == self.accum_steps - 1
             # DDP all-reduces the gradients on the last micro-step only.
@@ -211,10 +212,15 @@ class TrainStep:
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             c1, c5 = _hits(logits.detach(), ys)
             part = loss.detach() * ys.shape[0]
+            # The logged train loss is the plain cross-entropy, as the validation loss: with
+            # smoothing the objective's floor is far above 0 (0.50 nats at 10 classes, 0.1).
+            shown = part if not self.label_smoothing else F.cross_entropy(
+                logits.detach().float(), ys, reduction="sum")
             loss_sum = part if loss_sum is None else loss_sum + part
+            shown_sum = shown if shown_sum is None else shown_sum + shown
             correct1 = c1 if correct1 is None else correct1 + c1
             correct5 = c5 if correct5 is None else correct5 + c5
-        return loss_sum, correct1, correct5
+        return loss_sum, shown_sum, correct1, correct5
 
     def _guarded_update(self, loss_sum: torch.Tensor) -> torch.Tensor:
         """Step the optimizer unless something is non-finite; the device bool 'stepped'."""

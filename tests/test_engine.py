@@ -106,7 +106,8 @@ def test_fp16_scaler_path_reads_nothing_per_step(tmp_path, monkeypatch):
     assert steps == 16 and sum(counts.values()) == 0, dict(counts)
 
 
-def _tiny_step(world: int = 1, scaler=None, accum: int = 1, bn: bool = False):
+def _tiny_step(world: int = 1, scaler=None, accum: int = 1, bn: bool = False,
+               smoothing: float = 0.0):
     torch.manual_seed(0)
     layers = [torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)] if bn else []
     model = torch.nn.Sequential(*layers, torch.nn.Flatten(), torch.nn.LazyLinear(3))
@@ -116,7 +117,7 @@ def _tiny_step(world: int = 1, scaler=None, accum: int = 1, bn: bool = False):
         opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
     head = list(model.parameters())[-1]
     rt = Runtime(DEV, None, False)
-    step = TrainStep(model, opt, scaler, rt, accum, 0.0, probe=head,
+    step = TrainStep(model, opt, scaler, rt, accum, smoothing, probe=head,
                      buffers=list(model.buffers()), distributed=world > 1)
     return model, opt, step, head
 
@@ -270,3 +271,24 @@ def test_the_timer_window_spans_an_epoch_end_and_a_resume():
     old = engine.Timer()                       # a checkpoint from before the window
     old.load_state_dict({"wall": 3.0, "data_wait": 0.0, "steps": 2, "images": 64})
     assert old.window_rate(4.0) == 16.0
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_with_label_smoothing_the_logged_loss_is_the_plain_cross_entropy(accum):
+    """The objective is smoothed (its gradients), the loss in the stats is the plain
+    cross-entropy of the same logits, as the validation loss; without smoothing both are
+    the objective."""
+    import torch.nn.functional as F
+    torch.manual_seed(1)
+    x, y = _batch(8)
+    model, _, step, _ = _tiny_step(accum=accum, smoothing=0.1)
+    with torch.no_grad():
+        logits = model(x)
+    stats = step(x, y)
+    assert stats[0].item() == pytest.approx(F.cross_entropy(logits, y, reduction="sum").item(),
+                                            rel=1e-5)
+    smoothed = F.cross_entropy(logits, y, label_smoothing=0.1, reduction="sum").item()
+    assert abs(stats[0].item() - smoothed) > 0.01  # (the two differ on these logits)
+    model, _, step, _ = _tiny_step(accum=accum)
+    assert step(x, y)[0].item() == pytest.approx(
+        F.cross_entropy(logits, y, reduction="sum").item(), rel=1e-5)
