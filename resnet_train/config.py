@@ -232,7 +232,8 @@ class DataConfig:
         10000, "folder pixel_mean: training images averaged (evenly spaced; 0 = all)",
         resume="state", min=0)
     on_bad_image: Literal["skip", "error"] = opt(
-        "skip", "unreadable image: skip (replace, report) or error (stop with the path)",
+        "skip", "unreadable image: skip (report it; a training batch gets another image in its "
+        "place, a validation pass does not count it) or error (stop with the path)",
         resume="safe")
     # Off: every crop equals torchvision's resize-then-crop within rounding. On: a JPEG crop
     # that shrinks 2x or more is decoded at 1/2..1/8 scale in the DCT (several times faster

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed as dist_utils
+from .data import NOT_COUNTED
 from .data.views import eval_views
 from .runtime import Runtime
 
@@ -368,11 +369,13 @@ def evaluate(model: nn.Module, loader, prep, runtime: Runtime, info: dist_utils.
             else:
                 logp = views(model, x, runtime)
         top5 = _top5(logp)
-        c1, c5 = _hits(logp, y, top5)
+        counted = y != NOT_COUNTED  # (a replacement for an unreadable image)
+        c1, c5 = _hits(logp, y, top5)  # a NOT_COUNTED label never equals a class
         if pairs is not None:  # index_put_, not bincount: bincount reads its size on the host
-            pairs.index_put_((y * confusion + top5[:, 0],), torch.ones_like(y), accumulate=True)
-        loss = F.nll_loss(logp, y, reduction="sum").double()
-        sums += torch.stack([loss, c1, c5, torch.full_like(loss, y.shape[0])])
+            pairs.index_put_((torch.where(counted, y * confusion + top5[:, 0], 0),),
+                             counted.long(), accumulate=True)
+        loss = F.nll_loss(logp, y, reduction="sum", ignore_index=NOT_COUNTED).double()
+        sums += torch.stack([loss, c1, c5, counted.sum().double()])
     loss, c1, c5, n = dist_utils.all_reduce_sum(sums, runtime.device, info)
     per = max(n, 1.0)
     out = {"loss": loss / per, "top1": c1 / per, "top5": c5 / per, "n": int(n)}

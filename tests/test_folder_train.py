@@ -80,7 +80,7 @@ def test_bad_images_are_counted_per_epoch_and_reported(trained, capsys):
     # 49 train files, batch 10: 40 used per epoch, so the broken file shows up some epochs.
     assert all(r["bad_images"] in (0, 1) for r in recs)
     assert [r["val_bad_images"] for r in recs] == [1, 1]  # val reads every file every epoch
-    assert [r["val_n"] for r in recs] == [10, 10]  # the bad one is replaced, not dropped
+    assert [r["val_n"] for r in recs] == [9, 9]  # the bad one is not counted
 
 
 BROKEN = ("circle/broken0.jpg", "hstripes/broken1.jpg", "vstripes/broken2.jpg")
@@ -117,7 +117,7 @@ def test_each_unreadable_image_is_counted_once_an_epoch(bad_run):
     assert [r["bad_images"] for r in records(bad_run)] == [3, 3]
     assert [r["val_bad_images"] for r in records(bad_run)] == [1, 1]
     (final,) = records(bad_run, "final")  # the final evaluation's own pass
-    assert final["val_bad_images"] == 1 and final["val_n"] == 10
+    assert final["val_bad_images"] == 1 and final["val_n"] == 9
 
 
 @pytest.mark.parametrize("stop_at", [6, 0], ids=["mid-epoch", "during-validation"])
@@ -154,14 +154,15 @@ def test_a_stopped_run_reports_the_bad_images_of_an_uninterrupted_one(
     assert all(os.path.basename(b) in named[0] for b in BROKEN), named
 
 
-def test_resnet_eval_reports_the_unreadable_images_it_replaced(bad_run, bad_root, capsys):
+def test_resnet_eval_reports_the_unreadable_images_it_left_out(bad_run, bad_root, capsys):
     last = os.path.join(bad_run, "checkpoints", "last.pt")
     r = eval_cli.evaluate_checkpoint(last, None, [f"data.root={bad_root}"])
-    assert r["protocols"]["center"]["bad_images"] == 1 and r["n"] == 10
+    assert r["protocols"]["center"]["bad_images"] == 1 and r["n"] == 9
     assert r["protocols"]["center"]["bad_paths"][0].endswith("notes.png")
     capsys.readouterr()
     assert eval_cli.main(["--checkpoint", last, f"data.root={bad_root}"]) == 0
-    assert "warning: center: skipped 1 unreadable images" in capsys.readouterr().out
+    assert "warning: center: skipped 1 unreadable images (not counted in N)" in \
+        capsys.readouterr().out
 
 
 def test_bad_image_warning_names_the_file(data_root, tmp_path, capsys):
@@ -231,6 +232,24 @@ def test_ten_crop_eval_matches_torchvision_ten_crop(trained, clean_root):
     assert abs(centre["loss"] - got["loss"]) > 1e-4  # the views really were averaged
 
 
+@pytest.mark.parametrize("protocol", ["center", "ten_crop", "multiscale"])
+def test_an_unreadable_val_image_is_not_counted(trained, data_root, clean_root, protocol):
+    """Each image is counted once: with an unreadable file in val/ (replaced in its batch
+    by a readable one, which is not counted either), every number equals the clean split's."""
+    args = [f"data.val.protocol={protocol}", "data.val.scales=[32,40]"]
+    ckpt = os.path.join(trained, "checkpoints", "last.pt")
+    got = eval_cli.evaluate_checkpoint(ckpt, None, [f"data.root={data_root}", *args],
+                                       per_class=True)
+    ref = eval_cli.evaluate_checkpoint(ckpt, None, [f"data.root={clean_root}", *args],
+                                       per_class=True)
+    got, ref = got["protocols"][protocol], ref["protocols"][protocol]
+    assert got["bad_images"] == 1 and ref["bad_images"] == 0
+    assert got["n"] == ref["n"] == 9
+    assert (got["top1"], got["top5"]) == (ref["top1"], ref["top5"])
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    assert got["per_class"] == ref["per_class"]
+
+
 def test_multiscale_eval_matches_full_image_reference(trained, clean_root):
     got = _eval(trained, clean_root, "data.val.protocol=multiscale", "data.val.scales=[32,40]",
                 "data.val.flip=true")
@@ -276,7 +295,7 @@ def test_ten_crop_validation_during_training_with_block_norms(data_root, tmp_pat
     acc.Reload()
     norms = [t for t in acc.Tags()["scalars"] if t.startswith("block_norms/")]
     assert len(norms) == 9  # resnet20: 3 stages x 3 blocks
-    assert records(run_dir)[0]["val_n"] == 10
+    assert records(run_dir)[0]["val_n"] == 9  # (the unreadable val file is not counted)
 
 
 def test_per_pixel_mean_cache_for_many_image_sizes_is_bounded():

@@ -228,7 +228,7 @@ def score_protocol(model, loader, prep, pcfg, runtime, info, num_classes: int,
     r = evaluate(model, loader, prep, runtime, info, views=scorer_for(val),
                  confusion=num_classes if per_class else 0)
     seconds = time.perf_counter() - start  # evaluate ends with a read: the device is done
-    bad, bad_paths = loader.bad_report()  # (data.on_bad_image=skip: replaced, in n)
+    bad, bad_paths = loader.bad_report()  # (data.on_bad_image=skip: not in n)
     bad = int(dist_utils.all_reduce_sum([float(bad)], runtime.device, info)[0])
     out = {"loss": r["loss"], "top1": r["top1"], "top5": r["top5"], "n": r["n"],
            "seconds": seconds, "images_per_s": r["n"] / seconds if seconds > 0 else None,
@@ -350,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             if p["bad_images"]:
                 some = p["bad_paths"][:3]
                 eg = (", e.g. " + ", ".join(some)) if some else " (on other ranks)"
-                print(f"warning: {name}: skipped {p['bad_images']} unreadable images, each "
-                      f"replaced by another image of the split (counted in N){eg}")
+                print(f"warning: {name}: skipped {p['bad_images']} unreadable images (not "
+                      f"counted in N){eg}")
             if "per_class" in p:
                 print(per_class_text(name, p))
         if args.json:

@@ -46,6 +46,9 @@ class Loader:
 
 
 REPORT_PATHS = 10  # bad paths kept for a report
+# The label of a batch entry that a scored split must not count: the readable image that
+# took an unreadable one's place (batches keep their shape). ``engine.evaluate`` skips it.
+NOT_COUNTED = -1
 
 
 class BadImages:

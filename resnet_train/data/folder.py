@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import ConfigError, DataError
-from . import REPORT_PATHS, DataBundle, Loader, final_val_config
+from . import NOT_COUNTED, REPORT_PATHS, DataBundle, Loader, final_val_config
 from .geometry import (Crop, crop_box_center, crop_box_full, crop_box_paper, crop_box_resized,
                        crop_box_rrc)
 from .device_decode import FIXED_SIZE, Encoded, decode_on_device
@@ -144,9 +144,13 @@ class BatchDecoder(Dataset):
     ring: torch.Tensor | None = None
 
     def __init__(self, paths: np.ndarray, labels: np.ndarray, geometry: tuple, seed: int,
-                 on_bad: str = "skip", draft: bool = False, encoded: bool = False):
+                 on_bad: str = "skip", draft: bool = False, encoded: bool = False,
+                 scoring: bool = False):
         self.paths, self.labels, self.geometry = paths, labels, geometry
         self.seed, self.on_bad, self.draft = seed, on_bad, draft
+        # A scored split (validation, resnet-eval): a replacement only fills the unreadable
+        # image's place in the batch; its label NOT_COUNTED keeps it out of every count.
+        self.scoring = scoring
         # data.decode=device: hand over the JPEG bytes and crops (device_decode.Encoded)
         self.encoded = encoded and geometry[0] in FIXED_SIZE
 
@@ -175,7 +179,7 @@ class BatchDecoder(Dataset):
                 continue
             if self.geometry[0] == "ten_crop":
                 arr = ten_crop(arr, self.geometry[2]).permute(0, 2, 3, 1).numpy()
-            return arr, int(self.labels[j])
+            return arr, NOT_COUNTED if self.scoring and attempt else int(self.labels[j])
         bad.append((os.fsdecode(self.paths[i]), f"no readable replacement in {MAX_TRIES} tries"))
         return None
 
@@ -408,10 +412,10 @@ def val_geometry(cfg, local: int) -> tuple[tuple, int]:
 
 
 def make_loader(paths, labels, geometry, cfg, order, num_batches, *, device, seed_tag: int,
-                ring_batch: int = 0):
+                ring_batch: int = 0, scoring: bool = False):
     d = cfg.data
     dec = BatchDecoder(paths, labels, geometry, cfg.run.seed, d.on_bad_image, d.jpeg_draft,
-                       encoded=d.decode == "device")
+                       encoded=d.decode == "device", scoring=scoring)
     pin = bool(d.pin_memory and torch.device(device).type == "cuda")
     return FolderLoader(dec, order, num_batches, len(paths), d.workers, pin, d.prefetch,
                         mix_seed(cfg.run.seed, seed_tag), torch.device(device), ring_batch)
@@ -603,7 +607,8 @@ def build_folder(cfg, device, rank: int, world: int, run_dir=None,
         vcfg = dataclasses.replace(cfg, data=dataclasses.replace(d, val=val_cfg))
         geometry, per = val_geometry(vcfg, local)
         return make_loader(val_paths, val_labels, geometry, vcfg, _val_order(shard, per),
-                           math.ceil(len(shard) / per), device=device, seed_tag=seed_tag)
+                           math.ceil(len(shard) / per), device=device, seed_tag=seed_tag,
+                           scoring=True)
     val = val_loader(d.val, 12)
     final = final_val_config(cfg)
     final = None if final is None else val_loader(final, 13)
