@@ -125,6 +125,16 @@ def test_the_paper_column_is_only_for_table_6s_networks(tmp_path):
         assert paper_error(run) is None, extra
 
 
+def test_a_short_last_epoch_is_plotted_where_its_steps_end(tmp_path):
+    from resnet_train.study.plot import run_series
+    d = fake_run(tmp_path, "r", epochs=[(10, 0.5, 0.6), (20, 0.6, 0.7), (24, 0.7, 0.8)],
+                 steps=[(5, 0.4, 1.0), (24, 0.3, 0.9)])
+    train, val = run_series(load_run(d), "r")
+    assert (train.kind, val.kind) == ("train", "val")
+    assert val.x("epoch") == [1.0, 2.0, 2.4] and val.x("iter") == [10, 20, 24]
+    assert train.x("epoch") == [0.5, 2.4]
+
+
 def test_torn_lines_skipped_and_val_from_last_validated_epoch(tmp_path):
     d = fake_run(tmp_path, "r", epochs=[(10, 0.5, 0.75), (20, 0.6, None)],
                  steps=[(5, 0.4, 1.5)], extra_lines=['{"kind": "step", "global_st', "[1]"])

@@ -56,9 +56,9 @@ def _val_value(rec: dict, y: str) -> float | None:
 
 
 def _epoch_of(run: Run, rec: dict, per_epoch: float | None) -> float:
-    """Epochs done at a record: step / steps per epoch (epoch + 1 for an epoch record)."""
-    if rec.get("kind") == "epoch":
-        return float(rec["epoch"] + 1)
+    """Epochs done at a record: step / steps per epoch, epoch records too (a last epoch cut
+    short by train.iterations ends where its steps end, e.g. 164.1 for 64k iterations of
+    390), else epoch + 1."""
     if per_epoch:
         return rec["global_step"] / per_epoch
     return float(rec.get("epoch", 0) + 1)
