@@ -95,7 +95,10 @@ def crop_box_resized(w: int, h: int, side: int):
 
 def crop_box_full(w: int, h: int, side: int):
     """The whole image with its short side reduced to ``side``; never enlarged here (each
-    test scale is then resized on the device from the best pixels: one resampling)."""
+    test scale is then resized on the device from these pixels: one resampling for an
+    image at most ``side`` on its short side, the most of ImageNet's val images at 640;
+    a larger one is reduced here first, to 8 bits, so its smaller scales are resampled
+    twice: a bounded transfer, for differences of about one grey level)."""
     if min(w, h) <= side:
         return Crop((0.0, 0.0, float(w), float(h)), (w, h), False)
     rw, rh = _resized(w, h, side)
