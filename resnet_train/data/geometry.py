@@ -98,7 +98,7 @@ def crop_box_full(w: int, h: int, side: int):
     test scale is then resized on the device from these pixels: one resampling for an
     image at most ``side`` on its short side, the most of ImageNet's val images at 640;
     a larger one is reduced here first, to 8 bits, so its smaller scales are resampled
-    twice: a bounded transfer, for differences of about one grey level)."""
+    twice, for a bounded transfer)."""
     if min(w, h) <= side:
         return Crop((0.0, 0.0, float(w), float(h)), (w, h), False)
     rw, rh = _resized(w, h, side)
