@@ -29,7 +29,7 @@ class Experiment:
 DRL_CIFAR = {"data.dataset": "cifar10", "data.batch_size": 128, "optim.lr": 0.1,
              "optim.momentum": 0.9, "optim.weight_decay": 1e-4, "data.val_split": "test",
              "data.normalize": "pixel_mean", "schedule.milestones": [32000, 48000],
-             "train.iterations": 64000, "schedule.warmup": 0}
+             "train.iterations": 64000, "schedule.warmup": 0, "train.amp": "none"}
 IM_CIFAR = {**DRL_CIFAR, "data.normalize": "channel", "schedule.warmup": 400,
             "schedule.warmup_unit": "iter", "schedule.warmup_shape": "constant",
             "schedule.warmup_start_factor": 0.1, "schedule.low_lr_until_error": None}
@@ -37,7 +37,7 @@ DRL_IMAGENET = {"data.dataset": "imagenet", "data.batch_size": 256, "optim.lr": 
                 "data.train.aug": "paper", "data.train.scale": [256, 480],
                 "data.train.pca_lighting": 0.1, "data.normalize": "pixel_mean",
                 "schedule.name": "plateau", "data.val.final_protocol": "ten_crop",
-                "model.variant": "v1"}
+                "model.variant": "v1", "train.amp": "none"}
 IM_IMAGENET = {**DRL_IMAGENET, "schedule.name": "multistep", "schedule.milestones": [30, 60],
                "schedule.unit": "epoch", "train.epochs": 90, "data.val.resize": 320,
                "data.val.crop": 320, "data.val.final_protocol": "same"}
@@ -150,6 +150,7 @@ def _im_tables2to4() -> list[Experiment]:
     e.append(Experiment("IM", "Table 4", "C10 ResNet-1001, pre-act, batch 64",
                         "cifar10_preact_resnet1001_b64", "4.62 (4.69 +- 0.20)",
                         {**b64, "model.arch": "preact_resnet1001", "data.batch_size": 64,
+                         "train.amp": "none",
                          "train.epochs": 200, "schedule.milestones": [80, 121],
                          "schedule.warmup": 0}))
     return e
