@@ -70,6 +70,12 @@ def test_seeds_are_repeats_best_mean_std(tmp_path, capsys):
                        "6.43 (6.61 +- 0.16)"]
     # One run: just the numbers; DRL Table 6's single number for ResNet-20.
     assert rows[3] == ["resnet20", "1", "100", "10.00", "8.75", "8.75"]
+    # IM's form: the median leads (6.60 of 6.43, 6.60, 6.79; train 0.2 of 0.1, 0.2, 0.3)
+    assert study_cli.main(["table", *dirs, "--form", "median"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert rows[0][3:5] == ["train error (%, median)", "val error (%, median)"]
+    assert rows[2][3:] == ["0.20 (0.20 +- 0.10)", "6.60 (6.61 +- 0.18)", "6.43 (6.61 +- 0.16)"]
+    assert rows[3][3:] == ["10.00", "8.75", "8.75"]
 
 
 def test_grouping_by_arch_and_differing_unit(tmp_path):

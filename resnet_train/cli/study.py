@@ -12,8 +12,8 @@ from . import run_main
 DESCRIPTION = """Compare finished runs.
 
   table   final train and val error per experiment, as "best (mean +- std)" over the runs
-          that differ only in run.seed (DRL Table 6's form), with DRL's CIFAR-10 numbers
-          where the run is one of those networks.
+          that differ only in run.seed (DRL Table 6's form; --form median: IM's "median
+          (mean +- std)"), with DRL's CIFAR-10 numbers where the run is one of those networks.
   degradation
           DRL's degradation experiment: plain and residual nets at several depths on one
           recipe (default: configs/cifar10_paper.yaml, depths 20 32 44 56), each an
@@ -32,6 +32,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories")
     t.add_argument("--md", metavar="OUT.md", help="also write the Markdown table here")
     t.add_argument("--json", metavar="OUT.json", help="write the raw numbers as JSON")
+    t.add_argument("--form", choices=("best", "median"), default="best",
+                   help="lead number of repeats: best (DRL Table 6) or median (IM's form; "
+                        "the DRL paper column keeps its best)")
     t.add_argument("--group-by", action="append", metavar="KEY",
                    help="config key(s) that define an experiment (repeat, or comma-separate); "
                         "default: model.arch plus every model/data/recipe key that differs")
@@ -84,7 +87,7 @@ def table(args: argparse.Namespace) -> int:
     from ..study.table import markdown, summarize
     by = [k.strip() for arg in args.group_by or [] for k in arg.split(",") if k.strip()]
     rows = summarize(load_runs(args.runs), by or None)
-    text = markdown(rows)
+    text = markdown(rows, args.form)
     sys.stdout.write(text)
     if args.md:
         _write(args.md, text)

@@ -1,8 +1,10 @@
 """The summary table of ``resnet-study table``: final errors per experiment, papers' form.
 
 Runs that differ only in ``run.seed`` are repeats of one experiment; a group's errors read
-``best (mean +- std)`` over its runs, as in DRL Table 6 (one run: just the number). "Final"
-is the last epoch record; error = 1 - top-1. The std is the sample standard deviation.
+``best (mean +- std)`` over its runs, as in DRL Table 6, or ``median (mean +- std)``, IM's
+form (its Table 4's 4.92 (4.89 +- 0.14) leads with a number above the mean: the median of 5
+runs, not the best; one run: just the number). "Final" is the last epoch
+record; error = 1 - top-1. The std is the sample standard deviation.
 """
 
 from __future__ import annotations
@@ -74,13 +76,13 @@ def final_errors(run: Run) -> tuple[float | None, float | None]:
 
 
 def summary(values: list[float | None]) -> dict | None:
-    """best (lowest), mean, sample std and the values; None when no value is known."""
+    """best (lowest), median, mean, sample std and the values; None when no value is known."""
     known = [v for v in values if v is not None]
     if not known:
         return None
     std = statistics.stdev(known) if len(known) > 1 else None
-    return {"best": min(known), "mean": statistics.fmean(known), "std": std, "n": len(known),
-            "values": values}
+    return {"best": min(known), "median": statistics.median(known),
+            "mean": statistics.fmean(known), "std": std, "n": len(known), "values": values}
 
 
 def fmt_percent(best: float, mean: float | None = None, std: float | None = None,
@@ -91,8 +93,11 @@ def fmt_percent(best: float, mean: float | None = None, std: float | None = None
     return f"{best * scale:.2f} ({mean * scale:.2f} +- {std * scale:.2f})"
 
 
-def _fmt(s: dict | None) -> str:
-    return "-" if s is None else fmt_percent(s["best"], s["mean"], s["std"])
+FORMS = ("best", "median")  # DRL Table 6's lead number, IM's
+
+
+def _fmt(s: dict | None, form: str) -> str:
+    return "-" if s is None else fmt_percent(s[form], s["mean"], s["std"])
 
 
 def paper_error(run: Run) -> tuple[float, float | None, float | None] | None:
@@ -129,16 +134,19 @@ def _iterations(its: list[int]) -> str:
     return str(its[0]) if len(set(its)) == 1 else f"{min(its)}-{max(its)}"
 
 
-def markdown(rows: list[dict]) -> str:
-    """The summary as a Markdown table (a paper column when any group has a paper number)."""
+def markdown(rows: list[dict], form: str = "best") -> str:
+    """The summary as a Markdown table (a paper column when any group has a paper number);
+    ``form``: the lead number of repeats, "best" (DRL) or "median" (IM)."""
     paper = any(r["paper_test_error_pct"] for r in rows)
-    head = ["experiment", "runs", "iterations", "train error (%)", "val error (%)"]
+    lead = "" if form == "best" else f", {form}"
+    head = ["experiment", "runs", "iterations", f"train error (%{lead})",
+            f"val error (%{lead})"]
     head += ["paper test error (%)"] if paper else []
     lines = ["| " + " | ".join(head) + " |",
              "| --- | " + " | ".join("---:" for _ in head[1:]) + " |"]
     for r in rows:
         cells = [r["label"], str(r["n_runs"]), _iterations(r["iterations"]),
-                 _fmt(r["train_error"]), _fmt(r["val_error"])]
+                 _fmt(r["train_error"], form), _fmt(r["val_error"], form)]
         if paper:
             p = r["paper_test_error_pct"]
             cells.append("-" if p is None else fmt_percent(p["best"], p["mean"], p["std"], 1.0))
