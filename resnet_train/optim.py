@@ -97,10 +97,17 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     optimizer.load_state_dict(state)  # a misfit: TrainState names the file and the part
     for group, keep in zip(optimizer.param_groups, configured, strict=True):
         group.update(keep)
-    if any(g["momentum"] for g in optimizer.param_groups):
-        for group in optimizer.param_groups:  # e.g. momentum allowed to change from 0
-            for p in group["params"]:
-                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            buf = optimizer.state[p].get("momentum_buffer")
+            if buf is None and group["momentum"]:  # e.g. momentum allowed to change from 0
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            elif buf is not None and buf.stride() != p.stride():
+                # Saved from a run of another memory format (train.channels_last, or amp /
+                # the device under "auto"): the fused kernel pairs raw memory element by
+                # element, so on the CPU it mixed up the momentum of other weights; on CUDA
+                # it refuses the step. The buffer takes its parameter's layout.
+                optimizer.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf)
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:

@@ -408,3 +408,43 @@ def test_total_steps():
     assert total_steps(load_config(None, ["train.epochs=3"]), 391) == 1173
     cfg = load_config(None, ["train.epochs=3", "train.iterations=64000"])
     assert total_steps(cfg, 391) == 64000
+
+
+@pytest.mark.parametrize("saved_nhwc", [True, False], ids=["nhwc-to-nchw", "nchw-to-nhwc"])
+def test_momentum_resumed_into_another_memory_format_steps_as_the_reference(saved_nhwc):
+    """A checkpoint of a channels_last run resumed with NCHW weights (or back): each
+    momentum buffer takes its parameter's strides, and the fused step equals the plain
+    for-loop SGD's. Before, the fused kernel paired the buffer's raw memory with the
+    weight's (0.067 off after one step on the CPU)."""
+    from resnet_train.models import build_model
+    from resnet_train.optim import load_optimizer_state
+    cfg = load_config(None, ["model.arch=resnet20", "data.dataset=synthetic"])
+    fmt = {True: torch.channels_last, False: torch.contiguous_format}
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(10, (4,))
+    saved = build_model("resnet20", 10, width=4).to(memory_format=fmt[saved_nhwc])
+    opt = build_optimizer(saved, cfg)
+    nn.functional.cross_entropy(saved(x), y).backward()
+    opt.step()
+    buf = io.BytesIO()
+    torch.save({"model": saved.state_dict(), "optimizer": opt.state_dict()}, buf)
+
+    def resume(fused: bool):
+        buf.seek(0)
+        ckpt = torch.load(buf, weights_only=True)
+        model = build_model("resnet20", 10, width=4).to(memory_format=fmt[not saved_nhwc])
+        model.load_state_dict(ckpt["model"])
+        o = build_optimizer(model, cfg)
+        if not fused:
+            for g in o.param_groups:
+                g["fused"], g["foreach"] = False, False
+        load_optimizer_state(o, ckpt["optimizer"])
+        for p in model.parameters():
+            assert o.state[p]["momentum_buffer"].stride() == p.stride()
+        nn.functional.cross_entropy(model(x), y).backward()
+        o.step()
+        return model
+    fused, reference = resume(True), resume(False)
+    assert saved.conv1.weight.stride() != fused.conv1.weight.stride()  # (formats differ)
+    for p, q in zip(fused.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
