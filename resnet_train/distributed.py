@@ -16,7 +16,7 @@ from .errors import UserError
 class DistInfo:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
+    local_rank: int = 0  # under CUDA: this process's device index (cuda_device_index)
 
     @property
     def is_main(self) -> bool:
@@ -60,6 +60,20 @@ def restart_store_problem() -> bool:
             and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0)
 
 
+def cuda_device_index(local_rank: int) -> int:
+    """This process's GPU: its local rank, or 0 where the launcher bound one GPU to each
+    process (srun --gpus-per-task=1 or --gpu-bind: each task sees one device)."""
+    count = torch.cuda.device_count()
+    if count == 1:
+        return 0
+    if local_rank >= count:
+        raise UserError(f"local rank {local_rank} has no GPU: this process sees {count} CUDA "
+                        f"devices (CUDA_VISIBLE_DEVICES="
+                        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start one "
+                        f"process per GPU")
+    return local_rank
+
+
 def init(device_kind: str) -> DistInfo:
     """Join the process group when launched by torchrun (or srun); a no-op otherwise."""
     _env_from_slurm()
@@ -69,6 +83,7 @@ def init(device_kind: str) -> DistInfo:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     backend = "nccl" if device_kind == "cuda" else "gloo"
     if device_kind == "cuda":
+        local_rank = cuda_device_index(local_rank)
         torch.cuda.set_device(local_rank)
     if restart_store_problem():
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:

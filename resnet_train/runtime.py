@@ -66,7 +66,10 @@ def cpu_has_native_bf16() -> bool:
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     if mode == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+            # Not emulated: by default torch also says yes on GPUs without bf16 units (V100,
+            # T4), where bf16 convolutions are slow or refused.
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) \
+                else None
         return torch.bfloat16 if cpu_has_native_bf16() else None
     if mode == "fp16" and device.type != "cuda":
         raise ConfigError("train.amp: fp16 needs a CUDA device (use bf16 on CPU)")

@@ -119,6 +119,33 @@ def test_val_shards_cover_every_index_once():
 # torchrun restarts the group, and tests/test_slurm.py.
 
 
+@pytest.mark.parametrize("visible,local,index", [(1, 3, 0), (4, 3, 3), (2, 3, None)],
+                         ids=["one-gpu-per-task", "all-gpus", "too-few"])
+def test_each_process_takes_the_gpu_it_can_see(monkeypatch, visible, local, index):
+    """Plain srun with --gpus-per-task=1 shows each task one GPU: device 0, whatever its
+    SLURM_LOCALID; with every GPU visible the local rank picks one; fewer GPUs than local
+    ranks is one line, not an invalid device ordinal."""
+    from resnet_train import distributed as dist_utils
+    from resnet_train.errors import UserError
+    set_to = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", set_to.append)
+    monkeypatch.setattr(dist_utils.dist, "is_initialized", lambda: True)  # no group here
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.setenv(k, "")  # recorded, so what init sets is undone after the test
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("SLURM_PROCID", str(4 + local))
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", str(local))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    if index is None:
+        with pytest.raises(UserError, match="local rank 3 has no GPU: this process sees 2"):
+            dist_utils.init("cuda")
+        return
+    info = dist_utils.init("cuda")
+    assert (info.rank, info.world, info.local_rank, set_to) == (4 + local, 8, index, [index])
+
+
 def test_indivisible_global_batch_is_a_config_error():
     """Checked before any loader is built (every rank raises it: exit 2 each)."""
     cfg = load_config(None, TINY + ["data.batch_size=33"])

@@ -76,6 +76,15 @@ def test_amp_and_layout_resolution():
         resolve_amp("fp16", cpu)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["ampere", "v100"])
+def test_auto_amp_on_cuda_takes_bf16_only_where_the_gpu_has_it(monkeypatch, native):
+    """torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated (V100, T4):
+    auto asks for native support."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native or including_emulation)
+    assert resolve_amp("auto", torch.device("cuda")) is (torch.bfloat16 if native else None)
+
+
 def test_a_skipped_non_finite_step_stays_out_of_the_train_metrics(tmp_path, capsys,
                                                                   monkeypatch):
     """One poisoned batch: its step is skipped, counted and reported, and the epoch's train
