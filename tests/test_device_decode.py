@@ -109,3 +109,62 @@ def test_without_torchvisions_jpeg_decoder_pil_decodes_and_says_so(photos, monke
                       for (a, _), (b, _) in zip(with_pil, with_tv, strict=True)])
     # measured: 0.008 grey levels mean, 1 at most (not 0: PIL really decoded them)
     assert 0 < diff.mean() < 0.1 and diff.max() <= 2, (diff.mean(), diff.max())
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["decoded", "corrupt"])
+def test_the_cuda_decode_runs_on_a_side_stream_and_hands_its_outputs_over(monkeypatch, fails):
+    """nvjpeg writes its outputs from its own stream, which does not wait for ours: the
+    decode runs with a side stream current (its outputs from memory only decodes used),
+    then the current stream waits for it and records its use of each output; a failed
+    batch waits for the device before the CPU fallback."""
+    import contextlib
+
+    import torchvision.io
+
+    from resnet_train.data import device_decode
+    events = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits for {other.name}")
+    main = Stream("main")
+
+    @contextlib.contextmanager
+    def current(stream):
+        events.append(f"{stream.name} current")
+        try:
+            yield
+        finally:
+            events.append(f"{stream.name} no longer current")
+
+    class Image:
+        def record_stream(self, stream):
+            events.append(f"output used on {stream.name}")
+
+    def decode(blobs, mode, device):
+        events.append(f"decode {len(blobs)} on {device}")
+        if fails:
+            raise RuntimeError("nvjpeg: corrupt")
+        return [Image() for _ in blobs]
+    monkeypatch.setattr(device_decode, "_SIDE_STREAMS", {})
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: main)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream("side"))
+    monkeypatch.setattr(torch.cuda, "stream", current)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: events.append("synchronize"))
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", decode)
+    cuda = torch.device("cuda", 0)
+    if fails:
+        with pytest.raises(RuntimeError, match="corrupt"):
+            device_decode.decode_jpegs([torch.zeros(1)] * 2, cuda)
+        assert events == ["side current", "decode 2 on cuda:0", "side no longer current",
+                          "synchronize"]
+        return
+    images = device_decode.decode_jpegs([torch.zeros(1)] * 2, cuda)
+    assert len(images) == 2
+    assert events == ["side current", "decode 2 on cuda:0", "side no longer current",
+                      "main waits for side", "output used on main", "output used on main"]
+    device_decode.decode_jpegs([torch.zeros(1)], cuda)
+    assert len(device_decode._SIDE_STREAMS) == 1  # one side stream a device

@@ -65,21 +65,52 @@ def _cut(img: torch.Tensor, crop: Crop) -> torch.Tensor:
     return out.flip(-1) if crop.flip else out
 
 
-def decode_on_device(batch: Encoded, device: torch.device) -> torch.Tensor:
-    """The batch as uint8 NCHW on ``device``. RuntimeError if a JPEG does not decode."""
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def decode_jpegs(blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """One batched ``decode_jpeg`` call (RGB, CHW uint8 on ``device``), safe on CUDA.
+
+    torchvision's batched nvjpeg decode allocates its outputs on the current stream and
+    writes them from a stream of its own that does not wait for the current one
+    (pytorch/vision#9606): memory that kernels still queued there will read (the training
+    step never waits for the device) could be overwritten. With a side stream current, the
+    outputs come from memory only decodes used; they are handed to the current stream after
+    the decode, and kept from reuse until its work on them is done.
+    """
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    def decode():
+        with warnings.catch_warnings():  # deprecated in favour of torchcodec from 0.29
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+    if device.type != "cuda":
+        return decode()
+    main = torch.cuda.current_stream(device)
+    side = _SIDE_STREAMS.get(device)
+    if side is None:
+        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    try:
+        with torch.cuda.stream(side):
+            images = decode()
+    except RuntimeError:
+        torch.cuda.synchronize(device)  # a batch given up may still be writing its outputs
+        raise
+    main.wait_stream(side)
+    for img in images:
+        img.record_stream(main)
+    return images
+
+
+def decode_on_device(batch: Encoded, device: torch.device) -> torch.Tensor:
+    """The batch as uint8 NCHW on ``device``. RuntimeError if a JPEG does not decode."""
     n = len(batch.sizes)
     jpegs = [i for i, s in enumerate(batch.sizes) if s]
     parts = batch.data.split([batch.sizes[i] for i in jpegs]) if jpegs else []
     size = next(c.size for c in batch.crops if c is not None) if jpegs else \
         next(iter(batch.decoded.values())).shape[1::-1]
     out = torch.empty((n, 3, size[1], size[0]), dtype=torch.uint8, device=device)
-    images = []
-    if jpegs:
-        with warnings.catch_warnings():  # deprecated in favour of torchcodec from 0.29
-            warnings.simplefilter("ignore", DeprecationWarning)
-            images = decode_jpeg(list(parts), mode=ImageReadMode.RGB, device=device)
+    images = decode_jpegs(list(parts), device) if jpegs else []
     for i, img in zip(jpegs, images, strict=True):
         out[i] = _cut(img, batch.crops[i])
     for i, arr in batch.decoded.items():
