@@ -36,8 +36,10 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def layout(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` in the model's memory format (a no-op when it already is)."""
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        """``x`` in the model's memory format (a no-op when it already is). Folder batches
+        arrive NHWC in memory: left so, cuDNN would run an NCHW model in NHWC."""
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last
+                            else torch.contiguous_format)
 
     def describe(self) -> str:
         return f"{self.device}, {AMP_NAMES[self.amp_dtype]}, channels_last={self.channels_last}"

@@ -501,10 +501,18 @@ class Trainer:
         # Rank 0's are the saved ones, so every rank scores with those.
         dist_utils.broadcast_tensors(list(self.model.buffers()), self.info)
         loader = self.data.final if final else self.data.val
-        views = scorer_for(final_val_config(self.cfg) if final else self.cfg.data.val)
+        val = final_val_config(self.cfg) if final else self.cfg.data.val
+        views = scorer_for(val)
         common = dist_utils.min_over_ranks(len(loader), self.runtime.device, self.info)
-        return evaluate(self.model, loader, self.data.val_prep, self.runtime, self.info,
-                        views=views, stop=lambda i: i < common and self.stop.poll(i))
+        # Multiscale: one image a batch, each of its own size: cuDNN would autotune every
+        # convolution for each (and cache them all).
+        benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = benchmark and val.protocol != "multiscale"
+        try:
+            return evaluate(self.model, loader, self.data.val_prep, self.runtime, self.info,
+                            views=views, stop=lambda i: i < common and self.stop.poll(i))
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
 
     def _precise_bn(self, epoch: int) -> None:
         """BatchNorm statistics of the current weights over the epoch's first

@@ -285,6 +285,32 @@ def test_view_scorer_averages_softmax_over_views():
     assert view_scorer("center", 16) is None
 
 
+def test_multiscale_validation_runs_without_cudnn_autotuning(data_root, tmp_path, monkeypatch):
+    """Each multiscale batch is one image of its own size: cudnn.benchmark (on while
+    training) is off for those passes and back on after; a centre-crop pass keeps it."""
+    from resnet_train import trainer
+    seen, real = [], trainer.evaluate
+
+    def evaluate(*a, **k):
+        seen.append((k.get("views") is not None, torch.backends.cudnn.benchmark))
+        return real(*a, **k)
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    for protocol in ("center", "multiscale"):
+        assert train_cli.main(folder_args(data_root, str(tmp_path / protocol), "train.epochs=1",
+                                          f"data.val.protocol={protocol}",
+                                          "data.val.scales=[32]")) == 0
+    assert seen == [(False, True), (True, False)]
+
+
+def test_a_layout_of_the_other_format_is_made_the_models():
+    from resnet_train.runtime import Runtime
+    nhwc = torch.zeros(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    cpu = torch.device("cpu")
+    assert Runtime(cpu, None, False).layout(nhwc).is_contiguous()
+    assert Runtime(cpu, None, True).layout(nhwc.contiguous()).is_contiguous(
+        memory_format=torch.channels_last)
+
+
 def test_ten_crop_validation_during_training_with_block_norms(data_root, tmp_path):
     run_dir = str(tmp_path / "tc")
     assert train_cli.main(folder_args(data_root, run_dir, "train.epochs=1",
