@@ -62,9 +62,10 @@ def restart_store_problem() -> bool:
 
 def cuda_device_index(local_rank: int) -> int:
     """This process's GPU: its local rank, or 0 where the launcher bound one GPU to each
-    process (srun --gpus-per-task=1 or --gpu-bind: each task sees one device)."""
+    process (srun --gpus-per-task=1 or --gpu-bind: each task sees one device; torchrun sets
+    LOCAL_WORLD_SIZE, and its processes share the devices they see)."""
     count = torch.cuda.device_count()
-    if count == 1:
+    if count == 1 and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == 1:
         return 0
     if local_rank >= count:
         raise UserError(f"local rank {local_rank} has no GPU: this process sees {count} CUDA "

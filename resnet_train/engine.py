@@ -50,9 +50,8 @@ class Meter:
         loss, c1, c5, n, skipped, *rest = dist_utils.all_reduce_sum(
             torch.cat([self.sums, *parts]), dev, info)
         per = max(n, 1.0)
-        # Every rank decides a skip from the same all-reduced gradients: each counted it.
         return {"loss": loss / per, "top1": c1 / per, "top5": c5 / per, "n": int(n),
-                "skipped": round(skipped / info.world), "extra": rest}
+                "skipped": int(skipped), "extra": rest}
 
     def local_sums(self) -> list[torch.Tensor]:
         return [self.sums]
@@ -80,7 +79,8 @@ class Timer:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        for f in dataclasses.fields(self):  # (checkpoints before the window: it starts here)
+        # (a checkpoint from before the window fields: its window runs from the epoch start)
+        for f in dataclasses.fields(self):
             setattr(self, f.name, type(getattr(self, f.name))(state.get(f.name, f.default)))
 
     def window_rate(self, wall: float) -> float | None:
@@ -165,10 +165,13 @@ class TrainStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler | None, runtime: Runtime, accum_steps: int,
                  label_smoothing: float, probe: torch.Tensor, buffers: list[torch.Tensor],
-                 distributed: bool):
+                 distributed: bool, counts_skips: bool = True):
         self.model, self.optimizer, self.scaler, self.runtime = model, optimizer, scaler, runtime
         self.accum_steps, self.label_smoothing = accum_steps, label_smoothing
         self.probe, self.distributed = probe, distributed
+        # Every rank skips alike (all-reduced gradients): one rank counts, so the sums over
+        # ranks hold each skip once, whatever the world size a resume continues at.
+        self.skip_weight = 1.0 if counts_skips else 0.0
         self.guard = _BufferGuard(buffers)
         device = runtime.device
         self.bad_run = torch.zeros((), dtype=torch.float64, device=device)
@@ -193,7 +196,7 @@ class TrainStep:
         torch.maximum(self.peak_bad_run, self.bad_run, out=self.peak_bad_run)
         stats = torch.stack([shown_sum.double(), correct1, correct5, self._n(x.shape[0])])
         # where, not a product: a skipped step's NaN loss times 0 would still be NaN
-        return torch.cat([torch.where(good, stats, 0.0), bad.view(1)])
+        return torch.cat([torch.where(good, stats, 0.0), (bad * self.skip_weight).view(1)])
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor):
         """Sums over the batch: the objective (for the skip), the shown loss, the hits."""

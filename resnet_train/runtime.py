@@ -65,13 +65,19 @@ def cpu_has_native_bf16() -> bool:
     return bool((probe and probe()) or (amx and amx()))
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """bf16 units (compute capability 8.0, Ampere, or newer). Not is_bf16_supported(): it
+    also says yes where bf16 is only emulated (V100, T4), and its including_emulation
+    switch is newer than the torch this project supports."""
+    if torch.version.hip:
+        return torch.cuda.is_bf16_supported()
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     if mode == "auto":
         if device.type == "cuda":
-            # Not emulated: by default torch also says yes on GPUs without bf16 units (V100,
-            # T4), where bf16 convolutions are slow or refused.
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) \
-                else None
+            return torch.bfloat16 if cuda_has_native_bf16(device) else None
         return torch.bfloat16 if cpu_has_native_bf16() else None
     if mode == "fp16" and device.type != "cuda":
         raise ConfigError("train.amp: fp16 needs a CUDA device (use bf16 on CPU)")

@@ -292,7 +292,8 @@ class Trainer:
             self.model, optimizer, scaler, runtime, cfg.train.accum_steps,
             cfg.train.label_smoothing,
             probe=[p for p in self.model.parameters() if p.requires_grad][-1],
-            buffers=list(self.model.buffers()), distributed=info.enabled)
+            buffers=list(self.model.buffers()), distributed=info.enabled,
+            counts_skips=info.is_main)
         if cfg.run.diagnostics_every:
             self.train_step.grad_groups = stage_groups(self.model)
         self.epoch_meter, self.window_meter = Meter(runtime.device), Meter(runtime.device)

@@ -149,22 +149,18 @@ def test_the_cuda_decode_runs_on_a_side_stream_and_hands_its_outputs_over(monkey
         if fails:
             raise RuntimeError("nvjpeg: corrupt")
         return [Image() for _ in blobs]
-    monkeypatch.setattr(device_decode, "_SIDE_STREAMS", {})
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: main)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream("side"))
     monkeypatch.setattr(torch.cuda, "stream", current)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device: events.append("synchronize"))
     monkeypatch.setattr(torchvision.io, "decode_jpeg", decode)
     cuda = torch.device("cuda", 0)
     if fails:
         with pytest.raises(RuntimeError, match="corrupt"):
-            device_decode.decode_jpegs([torch.zeros(1)] * 2, cuda)
+            device_decode.decode_jpegs([torch.zeros(1)] * 2, cuda, Stream("side"))
         assert events == ["side current", "decode 2 on cuda:0", "side no longer current",
                           "synchronize"]
         return
-    images = device_decode.decode_jpegs([torch.zeros(1)] * 2, cuda)
+    images = device_decode.decode_jpegs([torch.zeros(1)] * 2, cuda, Stream("side"))
     assert len(images) == 2
     assert events == ["side current", "decode 2 on cuda:0", "side no longer current",
                       "main waits for side", "output used on main", "output used on main"]
-    device_decode.decode_jpegs([torch.zeros(1)], cuda)
-    assert len(device_decode._SIDE_STREAMS) == 1  # one side stream a device

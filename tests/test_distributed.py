@@ -119,27 +119,33 @@ def test_val_shards_cover_every_index_once():
 # torchrun restarts the group, and tests/test_slurm.py.
 
 
-@pytest.mark.parametrize("visible,local,index", [(1, 3, 0), (4, 3, 3), (2, 3, None)],
-                         ids=["one-gpu-per-task", "all-gpus", "too-few"])
-def test_each_process_takes_the_gpu_it_can_see(monkeypatch, visible, local, index):
+@pytest.mark.parametrize("visible,local,index,torchrun", [
+    (1, 3, 0, False), (4, 3, 3, False), (2, 3, None, False), (1, 1, None, True)],
+    ids=["one-gpu-per-task", "all-gpus", "too-few", "torchrun-on-one-gpu"])
+def test_each_process_takes_the_gpu_it_can_see(monkeypatch, visible, local, index, torchrun):
     """Plain srun with --gpus-per-task=1 shows each task one GPU: device 0, whatever its
     SLURM_LOCALID; with every GPU visible the local rank picks one; fewer GPUs than local
-    ranks is one line, not an invalid device ordinal."""
+    ranks is one line, not an invalid device ordinal (also two torchrun processes on one
+    visible GPU, which NCCL would refuse as a duplicate GPU)."""
     from resnet_train import distributed as dist_utils
     from resnet_train.errors import UserError
     set_to = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     monkeypatch.setattr(torch.cuda, "set_device", set_to.append)
     monkeypatch.setattr(dist_utils.dist, "is_initialized", lambda: True)  # no group here
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE"):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE",
+              "LOCAL_WORLD_SIZE"):
         monkeypatch.setenv(k, "")  # recorded, so what init sets is undone after the test
         monkeypatch.delenv(k)
+    if torchrun:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("SLURM_PROCID", str(4 + local))
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", str(local))
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     if index is None:
-        with pytest.raises(UserError, match="local rank 3 has no GPU: this process sees 2"):
+        with pytest.raises(UserError, match=f"local rank {local} has no GPU: this process "
+                                            f"sees {visible}"):
             dist_utils.init("cuda")
         return
     info = dist_utils.init("cuda")

@@ -246,16 +246,28 @@ def test_grad_norms_per_stage_are_the_steps_gradients():
         torch.testing.assert_close(step.grad_norms[k], v)
 
 
-def test_a_skipped_step_counts_once_over_ranks(monkeypatch):
-    """Every rank skips a step from the same all-reduced gradients and counts it: the read
-    over ranks is one skipped step, not one per rank (the means are sums over ranks)."""
+def test_a_skipped_step_counts_once_over_ranks_whatever_the_world_size(monkeypatch):
+    """Every rank skips a step from the same all-reduced gradients; only one rank counts
+    it, so the sum over ranks is one skip, also after a resume at another world size (the
+    saved sums are gathered onto rank 0). Counting it on every rank read 8 on 8 GPUs, and
+    a division by the world at read time would be wrong after such a resume."""
+    model, _, step, head = _tiny_step(2)
+    step.skip_weight = 0.0  # as built with counts_skips=False (not rank 0)
+    head.register_hook(lambda g: torch.full_like(g, float("nan")))
+    stats = step(*_batch())
+    assert stats[4].item() == 0 and float(step.bad_run) == 1  # skipped, counted elsewhere
     from resnet_train import distributed as dist_utils
     from resnet_train.distributed import DistInfo
-    monkeypatch.setattr(dist_utils, "all_reduce_sum", lambda t, dev, info: (t * 2).tolist())
-    m = Meter(torch.device("cpu"))
-    m.add(torch.tensor([6.0, 2.0, 3.0, 4.0, 1.0], dtype=torch.float64))  # as on both ranks
-    v = m.read(DistInfo(rank=0, world=2, local_rank=0))
-    assert (v["n"], v["skipped"], v["top1"]) == (8, 1, 0.5)
+    rank0 = torch.tensor([6.0, 2.0, 3.0, 4.0, 1.0], dtype=torch.float64)
+    others = torch.tensor([6.0, 2.0, 3.0, 4.0, 0.0], dtype=torch.float64)
+    for world in (2, 8):  # the all-reduce of rank 0's sums and world - 1 others'
+        monkeypatch.setattr(dist_utils, "all_reduce_sum",
+                            lambda t, dev, info, w=world: (t + (w - 1) * (t - rank0 + others))
+                            .tolist())
+        m = Meter(torch.device("cpu"))
+        m.add(rank0)
+        v = m.read(DistInfo(rank=0, world=world, local_rank=0))
+        assert (v["n"], v["skipped"]) == (4 * world, 1)
 
 
 def test_the_timer_window_spans_an_epoch_end_and_a_resume():

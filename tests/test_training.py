@@ -76,13 +76,19 @@ def test_amp_and_layout_resolution():
         resolve_amp("fp16", cpu)
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["ampere", "v100"])
-def test_auto_amp_on_cuda_takes_bf16_only_where_the_gpu_has_it(monkeypatch, native):
+@pytest.mark.parametrize("capability,amp", [((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16),
+                                            ((7, 0), None), ((7, 5), None)],
+                         ids=["a100", "h100", "v100", "t4"])
+def test_auto_amp_on_cuda_takes_bf16_only_where_the_gpu_has_it(monkeypatch, capability, amp):
     """torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated (V100, T4):
-    auto asks for native support."""
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
-                        lambda including_emulation=True: native or including_emulation)
-    assert resolve_amp("auto", torch.device("cuda")) is (torch.bfloat16 if native else None)
+    auto asks for bf16 units (compute capability 8.0 or newer), on the run's device."""
+    asked = []
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device=None: asked.append(device) or capability)
+    assert resolve_amp("auto", torch.device("cuda", 1)) is amp
+    assert asked == [torch.device("cuda", 1)]
 
 
 def test_a_skipped_non_finite_step_stays_out_of_the_train_metrics(tmp_path, capsys,

@@ -65,11 +65,10 @@ def _cut(img: torch.Tensor, crop: Crop) -> torch.Tensor:
     return out.flip(-1) if crop.flip else out
 
 
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def decode_jpegs(blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """One batched ``decode_jpeg`` call (RGB, CHW uint8 on ``device``), safe on CUDA.
+def decode_jpegs(blobs: list[torch.Tensor], device: torch.device,
+                 side=None) -> list[torch.Tensor]:
+    """One batched ``decode_jpeg`` call (RGB, CHW uint8 on ``device``); on CUDA on ``side``,
+    a ``torch.cuda.Stream`` the caller keeps for its decodes (None: a new one).
 
     torchvision's batched nvjpeg decode allocates its outputs on the current stream and
     writes them from a stream of its own that does not wait for the current one
@@ -87,9 +86,7 @@ def decode_jpegs(blobs: list[torch.Tensor], device: torch.device) -> list[torch.
     if device.type != "cuda":
         return decode()
     main = torch.cuda.current_stream(device)
-    side = _SIDE_STREAMS.get(device)
-    if side is None:
-        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    side = side if side is not None else torch.cuda.Stream(device)
     try:
         with torch.cuda.stream(side):
             images = decode()
@@ -102,15 +99,16 @@ def decode_jpegs(blobs: list[torch.Tensor], device: torch.device) -> list[torch.
     return images
 
 
-def decode_on_device(batch: Encoded, device: torch.device) -> torch.Tensor:
-    """The batch as uint8 NCHW on ``device``. RuntimeError if a JPEG does not decode."""
+def decode_on_device(batch: Encoded, device: torch.device, side=None) -> torch.Tensor:
+    """The batch as uint8 NCHW on ``device`` (``side``: see ``decode_jpegs``). RuntimeError
+    if a JPEG does not decode."""
     n = len(batch.sizes)
     jpegs = [i for i, s in enumerate(batch.sizes) if s]
     parts = batch.data.split([batch.sizes[i] for i in jpegs]) if jpegs else []
     size = next(c.size for c in batch.crops if c is not None) if jpegs else \
         next(iter(batch.decoded.values())).shape[1::-1]
     out = torch.empty((n, 3, size[1], size[0]), dtype=torch.uint8, device=device)
-    images = decode_jpegs(list(parts), device) if jpegs else []
+    images = decode_jpegs(list(parts), device, side) if jpegs else []
     for i, img in zip(jpegs, images, strict=True):
         out[i] = _cut(img, batch.crops[i])
     for i, arr in batch.decoded.items():
