@@ -232,11 +232,14 @@ def test_ten_crop_eval_matches_torchvision_ten_crop(trained, clean_root):
     assert abs(centre["loss"] - got["loss"]) > 1e-4  # the views really were averaged
 
 
-@pytest.mark.parametrize("protocol", ["center", "ten_crop", "multiscale"])
-def test_an_unreadable_val_image_is_not_counted(trained, data_root, clean_root, protocol):
+@pytest.mark.parametrize("protocol,decode", [("center", "cpu"), ("ten_crop", "cpu"),
+                                             ("multiscale", "cpu"), ("center", "device")])
+def test_an_unreadable_val_image_is_not_counted(trained, data_root, clean_root, protocol,
+                                                decode):
     """Each image is counted once: with an unreadable file in val/ (replaced in its batch
-    by a readable one, which is not counted either), every number equals the clean split's."""
-    args = [f"data.val.protocol={protocol}", "data.val.scales=[32,40]"]
+    by a readable one, which is not counted either), every number equals the clean split's;
+    also when the batch is decoded on the device (here torchvision's CPU decode_jpeg)."""
+    args = [f"data.val.protocol={protocol}", "data.val.scales=[32,40]", f"data.decode={decode}"]
     ckpt = os.path.join(trained, "checkpoints", "last.pt")
     got = eval_cli.evaluate_checkpoint(ckpt, None, [f"data.root={data_root}", *args],
                                        per_class=True)
