@@ -314,13 +314,18 @@ class Trainer:
                 where = (f"epoch {(st.step - 1) // spe}'s validation" if st.epoch_end_pending
                          else f"epoch {st.epoch} step {st.step % spe}")
                 say(f"resuming from {path}: {where} (global step {st.step})")
-        # Wrapped after loading: DDP broadcasts rank 0's weights when it is built.
-        model: nn.Module = torch.compile(self.model) if cfg.train.compile else self.model
-        if info.enabled:
+        self.train_step.model = self._wrapped(self.model)
+
+    def _wrapped(self, model: nn.Module) -> nn.Module:
+        """The model as the step runs it: compiled, in DDP. Wrapped after loading: DDP
+        broadcasts rank 0's weights when it is built."""
+        if self.cfg.train.compile:
+            model = torch.compile(model)
+        if self.info.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            dev = runtime.device
+            dev = self.runtime.device
             model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        self.train_step.model = model
+        return model
 
     def _start_model(self, fresh: bool) -> None:
         """model.weights (a new run only: a resume's weights are the checkpoint's), then
