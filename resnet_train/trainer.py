@@ -134,14 +134,14 @@ class Trainer:
         self.host_memory_kept = configure_host_memory(cfg, self.runtime.device)
         self.ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
         resume_path, ckpt = self._find_resume()
+        if info.is_main:  # (under the run's lock) also of a complete run: a kill in its
+            os.makedirs(self.ckpt_dir, exist_ok=True)  # last save can leave one behind
+            ckpt_io.remove_stale_temps(self.ckpt_dir)
         if ckpt is not None and self._is_complete(ckpt):
             if info.is_main:
                 say(f"run {cfg.run_dir} is complete ({ckpt['epoch']} epochs, global step "
                     f"{ckpt['global_step']}); raise train.epochs to train further")
             return 0
-        if info.is_main:
-            os.makedirs(self.ckpt_dir, exist_ok=True)
-            ckpt_io.remove_stale_temps(self.ckpt_dir)
         self._build(ckpt, resume_path)
         del ckpt
         if info.is_main:  # the run's config, once the checkpoint is known to fit it

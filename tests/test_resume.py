@@ -194,6 +194,19 @@ def test_a_redone_epoch_end_stopped_before_its_save_leaves_one_record(tmp_path, 
     assert [r["global_step"] for r in records(run_dir, "step")] == [4, 8]
 
 
+def test_a_complete_run_started_again_removes_a_killed_saves_temp_file(one_epoch, tmp_path,
+                                                                       capsys):
+    """A kill while the last save wrote last.pt leaves its temp file and a complete run
+    (epoch_NNN.pt or best.pt already at the end): starting it again removes the file."""
+    run_dir = _copy(one_epoch, tmp_path / "run")
+    stray = os.path.join(run_dir, "checkpoints", ".tmp-killed.pt")
+    with open(stray, "wb") as fh:
+        fh.write(b"half a checkpoint")
+    assert train_cli.main(tiny(run_dir, "train.epochs=1")) == 0
+    assert "is complete (1 epochs, global step 8)" in capsys.readouterr().out
+    assert not os.path.exists(stray)
+
+
 def test_a_second_process_on_the_run_dir_is_refused(tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     first = popen("train", *tiny(run_dir, "train.epochs=50", "data.train_samples=1024"))
