@@ -84,12 +84,15 @@ part env 60 $B env --require-cuda --json "$O/env.json"
 #   test_compile_trains_like_eager*: train.compile (with aot_eager; inductor: r50_compiled)
 #   test_a_run_leaves_torch_global_flags*: cudnn.benchmark set during a run, put back after
 #   test_pin_memory_*, test_amp_and_layout_resolution: pinned batches, CUDA's auto choices
+#   test_momentum_resumed_into_another_memory_format_*: the fused SGD after a resume that
+#     changes the layout (CUDA's fused kernel checks that the strides match)
 TESTS=${GPU_CHECK_TESTS:-"bf16_channels_last or fp16 or host_sync or counter_sees or \
 non_finite or poisoned_step or micro_batch or grad_norms_per_stage or compile_trains or \
 global_flags or pin_memory or amp_and_layout or prep_normalises or pca_lighting_equals or \
-prep_draws_per_global"}
+prep_draws_per_global or momentum_resumed_into"}
 part tests 170 $PY -m pytest -q -p no:cacheprovider --junitxml="$O/tests.xml" \
   tests/test_training.py tests/test_engine.py tests/test_features.py tests/test_data.py \
+  tests/test_optim.py \
   -k "$TESTS"
 
 part r50_eager 100 $B step $R50 --warmup 10 --steps 15 --rounds 3 --json "$O/r50_eager.json"

@@ -415,14 +415,16 @@ def test_momentum_resumed_into_another_memory_format_steps_as_the_reference(save
     """A checkpoint of a channels_last run resumed with NCHW weights (or back): each
     momentum buffer takes its parameter's strides, and the fused step equals the plain
     for-loop SGD's. Before, the fused kernel paired the buffer's raw memory with the
-    weight's (0.067 off after one step on the CPU)."""
+    weight's (0.067 off after one step on the CPU; CUDA's kernel refuses the step). On CUDA
+    where there is one (scripts/gpu_check.sh runs it there)."""
     from resnet_train.models import build_model
     from resnet_train.optim import load_optimizer_state
     cfg = load_config(None, ["model.arch=resnet20", "data.dataset=synthetic"])
     fmt = {True: torch.channels_last, False: torch.contiguous_format}
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    x, y = torch.randn(4, 3, 16, 16), torch.randint(10, (4,))
-    saved = build_model("resnet20", 10, width=4).to(memory_format=fmt[saved_nhwc])
+    x, y = torch.randn(4, 3, 16, 16, device=dev), torch.randint(10, (4,), device=dev)
+    saved = build_model("resnet20", 10, width=4).to(dev, memory_format=fmt[saved_nhwc])
     opt = build_optimizer(saved, cfg)
     nn.functional.cross_entropy(saved(x), y).backward()
     opt.step()
@@ -431,8 +433,8 @@ def test_momentum_resumed_into_another_memory_format_steps_as_the_reference(save
 
     def resume(fused: bool):
         buf.seek(0)
-        ckpt = torch.load(buf, weights_only=True)
-        model = build_model("resnet20", 10, width=4).to(memory_format=fmt[not saved_nhwc])
+        ckpt = torch.load(buf, weights_only=True, map_location=dev)
+        model = build_model("resnet20", 10, width=4).to(dev, memory_format=fmt[not saved_nhwc])
         model.load_state_dict(ckpt["model"])
         o = build_optimizer(model, cfg)
         if not fused:
