@@ -281,6 +281,11 @@ class TrainState:
     def epoch(self) -> int:
         return self.step // self.steps_per_epoch
 
+    @property
+    def last_epoch(self) -> int:
+        """The epoch of the last step done (at an epoch end: the epoch that just ended)."""
+        return (self.step - 1) // self.steps_per_epoch
+
     def _local_sums(self) -> list[torch.Tensor]:
         return [t for p in self.parts.values() if hasattr(p, "local_sums")
                 for t in p.local_sums()]

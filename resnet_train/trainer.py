@@ -311,7 +311,7 @@ class Trainer:
             self.state.load_state_dict(ckpt, path)
             if info.is_main:
                 st, spe = self.state, self.steps_per_epoch
-                where = (f"epoch {(st.step - 1) // spe}'s validation" if st.epoch_end_pending
+                where = (f"epoch {st.last_epoch}'s validation" if st.epoch_end_pending
                          else f"epoch {st.epoch} step {st.step % spe}")
                 say(f"resuming from {path}: {where} (global step {st.step})")
         self.train_step.model = self._wrapped(self.model)
@@ -437,7 +437,7 @@ class Trainer:
         # after the read: on a GPU it waits for the window's queued work
         rate = self.timer.window_rate(self.timer.wall + time.perf_counter() - t0)
         rec = {"kind": "step", "global_step": st.step,
-               "epoch": (st.step - 1) // self.steps_per_epoch, "lr": lr,
+               "epoch": st.last_epoch, "lr": lr,
                "train_loss": w["loss"] if w["n"] else None,
                "train_error": 1.0 - w["top1"] if w["n"] else None,
                "train_top1": w["top1"] if w["n"] else None, "n": w["n"],
@@ -459,7 +459,7 @@ class Trainer:
         """Validate, record and checkpoint the epoch that just ended; True if a signal
         interrupted the validation (last.pt then holds the pending epoch end)."""
         cfg, st, info = self.cfg, self.state, self.info
-        epoch = (st.step - 1) // self.steps_per_epoch
+        epoch = st.last_epoch
         self.progress.close()
         val, final = None, None
         if cfg.train.precise_bn:
@@ -656,9 +656,8 @@ class Trainer:
         if self.info.is_main:
             st = self.state
             epoch, step = divmod(st.step, self.steps_per_epoch)
-            where = (f"after epoch {(st.step - 1) // self.steps_per_epoch}'s last step, before "
-                     "its validation" if st.epoch_end_pending else
-                     f"at epoch {epoch} step {step}")
+            where = (f"after epoch {st.last_epoch}'s last step, before its validation"
+                     if st.epoch_end_pending else f"at epoch {epoch} step {step}")
             say(f"received {self.stop.received or 'a stop signal on another rank'}: saved "
                 f"{os.path.join(self.ckpt_dir, 'last.pt')} {where}; run the same command to "
                 f"resume (exit code {PREEMPTED_EXIT})")

@@ -299,7 +299,9 @@ class FolderLoader(Loader):
         decoder.ring = None if self._ring is None else self._ring.memory
         self._keys = _Keys(self._ring)
         self._bad_count, self._bad_paths = 0, []
-        self._side = None  # data.decode=device on CUDA: the stream its decodes run on
+        # data.decode=device on CUDA: the stream its decodes run on (device_decode.decode_jpegs)
+        self._side = torch.cuda.Stream(device) if decoder.encoded and device is not None \
+            and device.type == "cuda" else None
         # generator=: the DataLoader draws its worker base seed from here, not from the global
         # torch RNG (the trainer's RNG state stays untouched; the workers' own seeds are unused).
         self._dl = DataLoader(
@@ -346,8 +348,6 @@ class FolderLoader(Loader):
         """An encoded batch decoded on the device; if the device cannot decode it (a corrupt
         file), the whole batch again the CPU way, which skips and reports bad images."""
         try:
-            if self.device.type == "cuda" and self._side is None:  # (made once, on first use)
-                self._side = torch.cuda.Stream(self.device)
             return decode_on_device(x, self.device, self._side), y, bad
         except RuntimeError:
             return self.decoder.decode(x.key)
