@@ -41,6 +41,25 @@ class Runtime:
         return x.contiguous(memory_format=torch.channels_last if self.channels_last
                             else torch.contiguous_format)
 
+    def synchronize(self) -> None:
+        """Wait for the work queued on the device (nothing to wait for on the CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def reset_peak_memory(self) -> None:
+        """Start a new window for ``peak_memory_gb`` (CUDA; nothing to do on the CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_memory_gb(self) -> float | None:
+        """The most device memory allocated since the last reset, in GiB; starts the next
+        window. None on the CPU (no allocator statistics)."""
+        if self.device.type != "cuda":
+            return None
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return peak
+
     def describe(self) -> str:
         return f"{self.device}, {AMP_NAMES[self.amp_dtype]}, channels_last={self.channels_last}"
 

@@ -132,6 +132,9 @@ class Trainer:
         self.runtime = resolve_runtime(cfg, info.local_rank)
         self.threads = configure_threads(cfg, self.runtime.device)
         self.host_memory_kept = configure_host_memory(cfg, self.runtime.device)
+        # The first epoch's peak is this run's, not that of an earlier run in this process
+        # (resnet-study degradation trains its networks one after another in one process).
+        self.runtime.reset_peak_memory()
         self.ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
         resume_path, ckpt = self._find_resume()
         if info.is_main:  # (under the run's lock) also of a complete run: a kill in its
@@ -318,7 +321,10 @@ class Trainer:
 
     def _wrapped(self, model: nn.Module) -> nn.Module:
         """The model as the step runs it: compiled, in DDP. Wrapped after loading: DDP
-        broadcasts rank 0's weights when it is built."""
+        broadcasts rank 0's weights when it is built. The compiled module goes inside DDP,
+        as PyTorch's "Where to apply torch.compile?" advises: Dynamo sees the DDP module
+        around it and splits the graph at DDP's buckets (DDPOptimizer), so the gradient
+        all-reduce still overlaps the backward."""
         if self.cfg.train.compile:
             model = torch.compile(model)
         if self.info.enabled:
@@ -384,9 +390,12 @@ class Trainer:
             self.timer.data_wait += t1 - t0
             self.progress.tick(step + 1)
             self._log_points(lr, t0)
+            epoch_end = st.step % spe == 0 or st.step == st.total_steps
+            if epoch_end:  # the epoch's queued device work is its time, not validation's
+                self.runtime.synchronize()
             self.timer.wall += time.perf_counter() - t0
             saved = False
-            if st.step % spe == 0 or st.step == st.total_steps:
+            if epoch_end:
                 batches = _close(batches)
                 st.epoch_end_pending = True
                 if self._end_epoch():
@@ -564,10 +573,9 @@ class Trainer:
                 "epoch_seconds": timer.wall,
                 "data_wait_frac": timer.data_wait / max(timer.wall, 1e-9),
                 "step_seconds": timer.wall / max(timer.steps, 1)}
-        device = self.runtime.device
-        if device.type == "cuda":
-            perf["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            torch.cuda.reset_peak_memory_stats(device)
+        peak = self.runtime.peak_memory_gb()
+        if peak is not None:
+            perf["peak_mem_gb"] = peak
         v = val or {}
         return {"kind": "epoch", "epoch": epoch, "global_step": self.state.step,
                 "lr": self.train_step.optimizer.param_groups[0]["lr"],

@@ -344,3 +344,69 @@ def test_step_lines_report_the_speed_of_their_own_window(tmp_path, monkeypatch):
     assert rates == pytest.approx([128 / 8] + [128 / 9] * 3, rel=1e-12)
     assert [r["images_per_sec"] for r in records(run_dir)] == pytest.approx(
         [256 / 18, 256 / 18], rel=1e-12)  # the epoch's 8 steps: 6 x 2 s + 2 x 3 s
+
+
+def test_an_epochs_time_includes_the_device_work_still_queued_at_its_end(tmp_path,
+                                                                          monkeypatch):
+    """On a GPU the step returns before its kernels run: the epoch's time ends with a device
+    synchronisation, so the work still queued is the epoch's (not the validation's). A fake
+    clock ticking 1 s a reading, and a fake device whose queue takes 100 s to drain."""
+    from types import SimpleNamespace
+
+    from resnet_train import trainer
+    from resnet_train.runtime import Runtime
+    now = [0.0]
+
+    def perf_counter():
+        now[0] += 1.0
+        return now[0]
+    waits = []
+
+    def synchronize(self):
+        waits.append(now[0])
+        now[0] += 100.0
+    monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(Runtime, "synchronize", synchronize)
+    run_dir = str(tmp_path / "run")
+    assert train_cli.main(tiny(run_dir, "run.log_every=4")) == 0  # 2 epochs of 8 steps
+    assert len(waits) == 2  # once an epoch, at its end
+    # the 18 s of the fake clock's readings (as in the test above), plus the queue
+    assert [r["epoch_seconds"] for r in metrics(run_dir)] == pytest.approx([118, 118])
+    assert [r["images_per_sec"] for r in metrics(run_dir)] == pytest.approx([256 / 118] * 2)
+
+
+def test_each_runs_peak_memory_is_its_own(tmp_path, monkeypatch):
+    """peak_mem_gb of a run's first epoch does not include what an earlier run in the same
+    process allocated (resnet-study degradation trains its networks in one process). A fake
+    allocator: its peak is the largest "allocation" since its last reset."""
+    from resnet_train.runtime import Runtime
+    alloc = {"peak": 0.0}
+
+    def peak_memory_gb(self):
+        peak, alloc["peak"] = alloc["peak"], 0.0
+        return peak
+    monkeypatch.setattr(Runtime, "reset_peak_memory", lambda self: alloc.update(peak=0.0))
+    monkeypatch.setattr(Runtime, "peak_memory_gb", peak_memory_gb)
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    assert train_cli.main(tiny(first, "train.epochs=1")) == 0
+    alloc["peak"] = 40.0  # the first run's last moments (its final evaluation, say)
+    assert train_cli.main(tiny(second, "train.epochs=1")) == 0
+    assert [r["peak_mem_gb"] for r in metrics(second)] == [0.0]
+
+
+def test_runtime_reads_cuda_peak_memory_and_starts_a_new_window(monkeypatch):
+    """peak_memory_gb reads the CUDA allocator's peak in GiB and resets it; on the CPU there
+    is none, and synchronize has nothing to wait for."""
+    from resnet_train.runtime import Runtime
+    calls = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: calls.append(("reset", d)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d: calls.append(("sync", d)))
+    gpu = Runtime(torch.device("cuda:1"), torch.bfloat16, True)
+    assert gpu.peak_memory_gb() == 3.0
+    gpu.synchronize()
+    assert calls == [("reset", torch.device("cuda:1")), ("sync", torch.device("cuda:1"))]
+    cpu = Runtime(torch.device("cpu"), None, False)
+    cpu.synchronize()
+    cpu.reset_peak_memory()
+    assert cpu.peak_memory_gb() is None and len(calls) == 2
