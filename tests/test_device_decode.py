@@ -84,6 +84,25 @@ def test_a_corrupt_jpeg_sends_its_batch_the_cpu_way(photos, tmp_path):
     assert any(equal) and not all(equal)  # the victim's batch exactly the CPU path's
 
 
+def test_out_of_device_memory_decodes_on_the_cpu_and_says_so_once(photos, monkeypatch,
+                                                                  capsys):
+    """A CUDA OOM in nvjpeg is a RuntimeError too: its batches go the CPU way, as a corrupt
+    file's, but the slower path is named once (it was silent)."""
+    from resnet_train.data import folder
+
+    def no_memory(*args, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.2 GiB")
+    cpu, _ = batches(cfg(photos))
+    capsys.readouterr()
+    monkeypatch.setattr(folder, "decode_on_device", no_memory)
+    dev, _ = batches(cfg(photos, decode="device"))
+    assert len(dev) == len(cpu) >= 2
+    for (xd, yd), (xc, yc) in zip(dev, cpu, strict=True):
+        assert torch.equal(xd, xc) and torch.equal(yd, yc)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "out of device memory" in ln]
+    assert len(lines) == 1 and "data.batch_size" in lines[0]
+
+
 def test_device_decode_is_for_jpeg_folders():
     with pytest.raises(ConfigError, match="data.decode: device decodes JPEG folders"):
         load_config(data={"data": {"decode": "device"}})

@@ -299,6 +299,7 @@ class FolderLoader(Loader):
         decoder.ring = None if self._ring is None else self._ring.memory
         self._keys = _Keys(self._ring)
         self._bad_count, self._bad_paths = 0, []
+        self._oom_said = False  # the device decode's fallback after an OOM, said once
         # data.decode=device on CUDA: the stream its decodes run on (device_decode.decode_jpegs)
         self._side = torch.cuda.Stream(device) if decoder.encoded and device is not None \
             and device.type == "cuda" else None
@@ -346,9 +347,18 @@ class FolderLoader(Loader):
 
     def _decode(self, x: Encoded, y, bad):
         """An encoded batch decoded on the device; if the device cannot decode it (a corrupt
-        file), the whole batch again the CPU way, which skips and reports bad images."""
+        file, or no memory left), the whole batch again the CPU way, which skips and reports
+        bad images."""
         try:
             return decode_on_device(x, self.device, self._side), y, bad
+        except torch.OutOfMemoryError:
+            # Not silent: every such batch costs the main process a CPU decode.
+            if not self._oom_said:
+                warn_stderr(f"warning: data.decode=device: out of device memory decoding a "
+                            f"batch of {len(x.sizes)}; such batches are decoded on the CPU "
+                            f"(slower). A smaller data.batch_size leaves nvjpeg room")
+                self._oom_said = True
+            return self.decoder.decode(x.key)
         except RuntimeError:
             return self.decoder.decode(x.key)
 
