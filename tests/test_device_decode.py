@@ -75,13 +75,47 @@ def test_a_corrupt_jpeg_sends_its_batch_the_cpu_way(photos, tmp_path):
     shutil.copytree(photos, root)
     victim = os.path.join(root, "train", "c1", "04.jpg")
     data = open(victim, "rb").read()
-    with open(victim, "wb") as fh:  # a valid header, then garbage: only decoding finds it
-        fh.write(data[:400] + bytes(range(256)) * 8)
+    with open(victim, "wb") as fh:  # a valid header, garbage, the end marker: only decoding
+        fh.write(data[:400] + bytes(range(256)) * 8 + b"\xff\xd9")  # finds it
     cpu, b_cpu = batches(cfg(root))
     dev, b_dev = batches(cfg(root, decode="device"))
     assert b_cpu.train.bad_report()[0] == b_dev.train.bad_report()[0] >= 1
     equal = [torch.equal(xd, xc) for (xd, _), (xc, _) in zip(dev, cpu, strict=True)]
     assert any(equal) and not all(equal)  # the victim's batch exactly the CPU path's
+
+
+def test_a_truncated_jpeg_is_counted_even_where_the_device_decodes_it(photos, tmp_path,
+                                                                     monkeypatch):
+    """nvjpeg may decode a truncated JPEG without an error (grey rows), where libjpeg-turbo
+    refuses it: such a file goes the CPU way in the worker, so it is replaced and counted
+    as on the CPU path. The device's decoder here is a lenient one (PIL, truncated images
+    allowed), as nvjpeg may be."""
+    import io
+    import shutil
+
+    from PIL import ImageFile
+
+    from resnet_train.data import device_decode
+    root = str(tmp_path / "photos")
+    shutil.copytree(photos, root)
+    victim = os.path.join(root, "train", "c2", "08.jpg")
+    data = open(victim, "rb").read()
+    with open(victim, "wb") as fh:
+        fh.write(data[:len(data) * 3 // 4])
+
+    def lenient(blobs, device, side=None):
+        ImageFile.LOAD_TRUNCATED_IMAGES = True
+        try:
+            return [torch.from_numpy(np.array(Image.open(io.BytesIO(b.numpy().tobytes()))
+                                              .convert("RGB"))).permute(2, 0, 1)
+                    for b in blobs]
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+    monkeypatch.setattr(device_decode, "decode_jpegs", lenient)
+    cpu, b_cpu = batches(cfg(root))
+    dev, b_dev = batches(cfg(root, decode="device"))
+    assert b_cpu.train.bad_report() == b_dev.train.bad_report() == (1, [victim])
+    assert [y.tolist() for _, y in dev] == [y.tolist() for _, y in cpu]
 
 
 def test_out_of_device_memory_decodes_on_the_cpu_and_says_so_once(photos, monkeypatch,

@@ -11,10 +11,11 @@ The crops are made as the CPU path's references make them: resize-then-crop (the
 resized, then cut) for the paper's scale augmentation and the centre crop, crop-then-resize
 for RandomResizedCrop; resizing in float on the device rounds differently from the CPU
 path's uint8 kernel, and nvjpeg's IDCT is not libjpeg-turbo's, so the pixels differ by
-about a grey level (tests/test_device_decode.py). Files that are not plain 8-bit JPEGs are
-decoded in the worker the CPU way; a batch the device cannot decode (a corrupt file) is
-decoded again the CPU way in the main process, which skips, replaces and reports bad images
-as always.
+about a grey level (tests/test_device_decode.py). Files that are not plain 8-bit JPEGs, and
+JPEGs cut short (no end marker: nvjpeg may fill their missing rows without an error), are
+decoded in the worker the CPU way; a batch the device cannot decode (a corrupt file, or no
+device memory left, which is said once) is decoded again the CPU way in the main process,
+which skips, replaces and reports bad images as always.
 """
 
 from __future__ import annotations

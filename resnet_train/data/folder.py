@@ -30,7 +30,7 @@ from . import NOT_COUNTED, REPORT_PATHS, DataBundle, Loader, final_val_config
 from .geometry import (Crop, crop_box_center, crop_box_full, crop_box_paper, crop_box_resized,
                        crop_box_rrc)
 from .device_decode import FIXED_SIZE, Encoded, decode_on_device
-from .jpeg import _jpeg_sof, load_crop, torch_decoder_missing
+from .jpeg import _jpeg_sof, ends_complete, load_crop, torch_decoder_missing
 from .prep import IMAGENET_MEAN, IMAGENET_STD, DevicePrep
 from .ring import BatchRing, RingSlot, shared_uint8
 from .sampling import (epoch_permutation, mix_seed, train_batch_indices, train_steps_per_epoch,
@@ -184,8 +184,10 @@ class BatchDecoder(Dataset):
         return None
 
     def encode(self, key) -> tuple[Encoded, np.ndarray, list]:
-        """The batch of ``key`` undecoded: each plain 8-bit JPEG's bytes and its crop, drawn
-        from the header with the CPU path's seed (the same box); other files decoded here."""
+        """The batch of ``key`` undecoded: each complete plain 8-bit JPEG's bytes and its
+        crop, drawn from the header with the CPU path's seed (the same box); other files
+        decoded here (a truncated JPEG too: nvjpeg may decode it without an error, and it
+        would be trained on with grey rows, neither replaced nor counted)."""
         epoch, indices = key
         bad: list[tuple[str, str]] = []
         blobs, sizes, crops, decoded = [], [], [], {}
@@ -198,7 +200,7 @@ class BatchDecoder(Dataset):
             except OSError:
                 data = b""
             sof = _jpeg_sof(data)
-            if sof is not None and data[sof[2] - 1] == 8:
+            if sof is not None and data[sof[2] - 1] == 8 and ends_complete(data):
                 rng = random.Random(mix_seed(self.seed, epoch, int(i), 0))
                 crops.append(Crop(*self._choose(sof[0], sof[1], rng)))
                 blobs.append(data)

@@ -56,6 +56,13 @@ def _jpeg_sof(data) -> tuple[int, int, int, int, int] | None:
     return None
 
 
+def ends_complete(data: bytes) -> bool:
+    """Whether a JPEG's bytes end with its EOI marker (zero padding allowed): a truncated
+    file does not. libjpeg-turbo refuses a truncated file whatever is decoded of it;
+    nvjpeg may fill the missing rows without an error."""
+    return data.rstrip(b"\0").endswith(b"\xff\xd9")
+
+
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a JPEG's SOF marker, or None if ``data`` is not a plain JPEG."""
     sof = _jpeg_sof(data)
@@ -230,7 +237,7 @@ def _decode_top(decode, data, rows_needed, h, height_at, mcu, extra, w) -> torch
     # Only a complete file (ending in EOI) is shortened: a truncated one then fails here
     # whatever the box, as a full decode does, instead of passing for boxes near the top.
     # Only in a loader worker: there nothing else writes to stderr while it is silenced.
-    if rows < h and _in_worker() and data.rstrip(b"\0").endswith(b"\xff\xd9"):
+    if rows < h and _in_worker() and ends_complete(data):
         buf[height_at:height_at + 2] = rows.to_bytes(2, "big")
         img = _quietly(decode, buf)
     else:
