@@ -17,7 +17,14 @@ from resnet_train.data import build_data
 from resnet_train.data.sampling import val_shard
 from resnet_train.errors import ConfigError
 
-from .helpers import ROOT, TINY, records, tiny
+from .helpers import ROOT, TINY, records
+from .helpers import tiny as _tiny
+
+
+def tiny(run_dir, *extra) -> list[str]:
+    """On the CPU even where a GPU is visible: two ranks on one GPU are refused, and the
+    one-process runs compared with them must run where they do (gloo on the CPU)."""
+    return _tiny(run_dir, "run.device=cpu", *extra)
 
 EQUIV = ["run.deterministic=true", "train.iterations=4", "data.batch_size=32",
          "optim.weight_decay=1e-4", "train.eval_every=1", "train.precise_bn=2"]

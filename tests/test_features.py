@@ -80,7 +80,8 @@ def test_label_smoothing_is_the_objective_and_the_logged_losses_are_plain(tmp_pa
     calls = record_cross_entropy(monkeypatch)
     run_dir = str(tmp_path / "ls")
     extra = [f"train.label_smoothing={eps}"] if eps else []  # 0.0: the key left unset
-    args = tiny(run_dir, "train.epochs=1", *extra)
+    # run.device=cpu: the trained model is scored again below on the CPU-built data
+    args = tiny(run_dir, "train.epochs=1", "run.device=cpu", *extra)
     assert train_cli.main(args) == 0
 
     train_calls = [c for c in calls if not c["inference"] and c["reduction"] == "mean"]

@@ -97,8 +97,8 @@ def test_freeze_stops_weights_and_batchnorm_statistics(tmp_path):
     run_dir = str(tmp_path / "frozen")
     assert train_cli.main(tiny(run_dir, "train.epochs=1", "model.freeze=[conv1,bn1,layer1]",
                                "run.seed=4")) == 0
-    trained = torch.load(os.path.join(run_dir, "checkpoints", "last.pt"), weights_only=True)[
-        "model"]
+    trained = torch.load(os.path.join(run_dir, "checkpoints", "last.pt"), weights_only=True,
+                         map_location="cpu")["model"]  # (a GPU run saves CUDA tensors)
     torch.manual_seed(4)  # the trainer's seed: the same initial weights
     init = build_model("resnet20", 10, width=4).state_dict()
     for k, v in init.items():

@@ -54,7 +54,9 @@ def fake_slurm(tmp_path):
 def test_sbatch_script_saves_requeues_and_resumes_on_the_warning_signal(tmp_path, fake_slurm):
     env, log = fake_slurm
     run_dir = str(tmp_path / "run")
-    args = tiny(run_dir, "train.epochs=2", "run.log_every=1", "checkpoint.signal_check_every=2")
+    # run.device=cpu: the script starts 2 ranks (GPUS_PER_NODE=2), which one GPU cannot host
+    args = tiny(run_dir, "train.epochs=2", "run.log_every=1", "checkpoint.signal_check_every=2",
+                "run.device=cpu")
     cmd = ["bash", os.path.join(ROOT, "scripts", "slurm_train.sbatch"),
            os.path.join(ROOT, "configs", "quickstart.yaml"), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -28,11 +28,14 @@ def read_tb(run_dir):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One epoch, then the same command with train.epochs=3 resumes and finishes."""
+    """One epoch, then the same command with train.epochs=3 resumes and finishes.
+    Deterministic: on a GPU, cuDNN's autotuned convolutions (cudnn.benchmark) would score
+    the validation differently from resnet-eval's (within float rounding)."""
     run_dir = str(tmp_path_factory.mktemp("e2e") / "run")
-    assert train_cli.main(tiny(run_dir, "train.epochs=1")) == 0
+    det = "run.deterministic=true"
+    assert train_cli.main(tiny(run_dir, "train.epochs=1", det)) == 0
     first = torch.load(os.path.join(run_dir, "checkpoints", "last.pt"), weights_only=True)
-    assert train_cli.main(tiny(run_dir, "train.epochs=3")) == 0
+    assert train_cli.main(tiny(run_dir, "train.epochs=3", det)) == 0
     return run_dir, first
 
 

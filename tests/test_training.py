@@ -74,6 +74,10 @@ def test_amp_and_layout_resolution():
     from resnet_train.errors import ConfigError
     with pytest.raises(ConfigError, match="train.amp: fp16 needs a CUDA device"):
         resolve_amp("fp16", cpu)
+    if torch.cuda.is_available():  # the real GPU's choice (mocked GPUs: the test below)
+        gpu = torch.device("cuda", 0)
+        native = torch.cuda.get_device_capability(gpu)[0] >= 8
+        assert resolve_amp("auto", gpu) is (torch.bfloat16 if native else None)
 
 
 @pytest.mark.parametrize("capability,amp", [((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16),
@@ -279,8 +283,10 @@ def test_precise_bn_sets_the_saved_and_validated_statistics(tmp_path):
     from resnet_train.engine import precise_bn
     from resnet_train.runtime import build_model_for, resolve_runtime
     on, off = str(tmp_path / "on"), str(tmp_path / "off")
-    assert train_cli.main(tiny(on, "train.epochs=1", "train.precise_bn=3")) == 0
-    assert train_cli.main(tiny(off, "train.epochs=1")) == 0
+    # deterministic: on a GPU the two runs' weights are bitwise equal only so
+    det = "run.deterministic=true"
+    assert train_cli.main(tiny(on, "train.epochs=1", "train.precise_bn=3", det)) == 0
+    assert train_cli.main(tiny(off, "train.epochs=1", det)) == 0
     a, b = (ckpt_io.load(os.path.join(d, "checkpoints", "last.pt")) for d in (on, off))
     running = [k for k in a["model"] if "running_" in k]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]
@@ -292,7 +298,7 @@ def test_precise_bn_sets_the_saved_and_validated_statistics(tmp_path):
     data = build_data(cfg, rt.device, 0, 1)
     model = build_model_for(cfg, data.num_classes, rt)
     model.load_state_dict(b["model"])
-    gen = torch.Generator()
+    gen = torch.Generator(rt.device)
     inputs = [data.train_prep(x, batch_generator(cfg.run.seed, 0, i, 0, gen))
               for i, (x, _) in zip(range(3), data.train.batches(0, 0), strict=False)]
     precise_bn(model, iter(inputs), rt, DistInfo())
