@@ -1046,9 +1046,13 @@ def junit_counts(path: str) -> dict:
     suites = [suites] if suites.tag == "testsuite" else list(suites)
     counts = {k: sum(int(s.get(k, 0)) for s in suites)
               for k in ("tests", "failures", "errors", "skipped")}
-    counts["failed"] = [f"{c.get('classname')}::{c.get('name')}" for s in suites
-                        for c in s.iter("testcase")
+    cases = [c for s in suites for c in s.iter("testcase")]
+    counts["failed"] = [f"{c.get('classname')}::{c.get('name')}" for c in cases
                         if c.find("failure") is not None or c.find("error") is not None]
+    # figures a test measured on the device (pytest's record_property), by test
+    counts["properties"] = {f"{c.get('classname')}::{c.get('name')}": {
+        p.get("name"): p.get("value") for p in c.iter("property")}
+        for c in cases if c.find("properties") is not None}
     return counts
 
 

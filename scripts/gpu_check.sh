@@ -86,13 +86,15 @@ part env 60 $B env --require-cuda --json "$O/env.json"
 #   test_pin_memory_*, test_amp_and_layout_resolution: pinned batches, CUDA's auto choices
 #   test_momentum_resumed_into_another_memory_format_*: the fused SGD after a resume that
 #     changes the layout (CUDA's fused kernel checks that the strides match)
+#   test_device_decode_draws_the_cpu_paths_crops: nvjpeg's crops against the CPU path's
+#     pixels (tests.xml holds each batch's mean and max difference in grey levels)
 TESTS=${GPU_CHECK_TESTS:-"bf16_channels_last or fp16 or host_sync or counter_sees or \
 non_finite or poisoned_step or micro_batch or grad_norms_per_stage or compile_trains or \
 global_flags or pin_memory or amp_and_layout or prep_normalises or pca_lighting_equals or \
-prep_draws_per_global or momentum_resumed_into"}
+prep_draws_per_global or momentum_resumed_into or draws_the_cpu_paths_crops"}
 part tests 170 $PY -m pytest -q -p no:cacheprovider --junitxml="$O/tests.xml" \
   tests/test_training.py tests/test_engine.py tests/test_features.py tests/test_data.py \
-  tests/test_optim.py \
+  tests/test_optim.py tests/test_device_decode.py \
   -k "$TESTS"
 
 part r50_eager 100 $B step $R50 --warmup 10 --steps 15 --rounds 3 --json "$O/r50_eager.json"

@@ -238,7 +238,8 @@ def test_summarize_collects_each_parts_figures(tmp_path, bench_runs):
     (tmp_path / "r50_eager.json").write_text(json.dumps(step))
     (tmp_path / "tests.xml").write_text(
         '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
-        '<testcase classname="tests.test_x" name="test_a"/>'
+        '<testcase classname="tests.test_x" name="test_a"><properties>'
+        '<property name="grey_levels_mean_max" value="[0.8, 12]"/></properties></testcase>'
         '<testcase classname="tests.test_x" name="test_b"><failure/></testcase>'
         '<testcase classname="tests.test_x" name="test_c"><skipped/></testcase>'
         '</testsuite></testsuites>')
@@ -257,6 +258,8 @@ def test_summarize_collects_each_parts_figures(tmp_path, bench_runs):
     assert (tests["status"], eager["status"], compiled["status"]) == ("failed", "ok", "timeout")
     assert tests["figures"]["failed"] == ["tests.test_x::test_b"]
     assert tests["figures"]["tests"] == 3 and tests["figures"]["skipped"] == 1
+    assert tests["figures"]["properties"] == {
+        "tests.test_x::test_a": {"grey_levels_mean_max": "[0.8, 12]"}}
     assert eager["figures"]["images_per_s"] == step["rows"][0]["ours"]["median"]
     assert eager["figures"]["host_reads_per_step"] == 0
     assert summary["ok"] is False

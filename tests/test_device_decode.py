@@ -14,6 +14,10 @@ from resnet_train.config import load_config
 from resnet_train.data import build_data
 from resnet_train.errors import ConfigError
 
+# The device decode's device: nvjpeg where there is a GPU (scripts/gpu_check.sh selects the
+# crop test below), else torchvision's CPU decode_jpeg.
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CPU = torch.device("cpu")
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
 
 
@@ -40,27 +44,34 @@ def cfg(root, **data):
     return load_config(data={"run": {"seed": 5}, "data": d})
 
 
-def batches(c, epoch=0):
-    b = build_data(c, torch.device("cpu"))
+def batches(c, epoch=0, device=CPU):
+    b = build_data(c, device)
     try:
-        return [(x.clone(), y.clone()) for x, y in b.train.batches(epoch, 0)], b
+        return [(x.cpu().clone(), y.clone()) for x, y in b.train.batches(epoch, 0)], b
     finally:
         b.train.close()
 
 
 @pytest.mark.parametrize("aug,workers", [("paper", 0), ("paper", 1),
                                          ("random_resized_crop", 0)])
-def test_device_decode_draws_the_cpu_paths_crops(photos, aug, workers):
+def test_device_decode_draws_the_cpu_paths_crops(photos, aug, workers, record_property):
+    """On a GPU, nvjpeg's IDCT and chroma upsampling are not libjpeg-turbo's: the bound is
+    looser there, still far below another draw's difference."""
     train = {"aug": aug, "scale": [64, 96], "crop": 56}
     cpu, _ = batches(cfg(photos, workers=workers, train=train))
-    dev, _ = batches(cfg(photos, workers=workers, decode="device", train=train))
+    dev, _ = batches(cfg(photos, workers=workers, decode="device", train=train), device=DEV)
     other_epoch, _ = batches(cfg(photos, workers=workers, train=train), epoch=1)
     assert [y.tolist() for _, y in dev] == [y.tolist() for _, y in cpu]
     for (xd, _), (xc, _), (xo, _) in zip(dev, cpu, other_epoch, strict=True):
         assert xd.shape == xc.shape == (8, 3, 56, 56) and xd.dtype == torch.uint8
         diff = (xd.int() - xc.int()).abs()
-        # float vs uint8 resampling rounds differently: measured 0.2 mean, 1 max on CPU
-        assert diff.float().mean(dim=(1, 2, 3)).max() < 0.5 and diff.max() <= 1
+        mean = diff.float().mean(dim=(1, 2, 3)).max()
+        # (in gpu_check.sh's tests.xml: the GPU's figures)
+        record_property("grey_levels_mean_max", [float(mean), int(diff.max())])
+        if DEV.type == "cpu":  # float vs uint8 resampling rounds differently: measured
+            assert mean < 0.5 and diff.max() <= 1  # 0.2 mean, 1 max on CPU
+        else:  # (not measured yet: no GPU so far)
+            assert mean < 3
         # another draw (epoch 1: other crops and flips) is far off: the boxes are the same
         assert (xo.float() - xc.float()).abs().mean() > 5
     # the PNG went the CPU way in the worker: exactly the CPU path's pixels
