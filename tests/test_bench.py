@@ -267,3 +267,26 @@ def test_summarize_collects_each_parts_figures(tmp_path, bench_runs):
     assert summary["folder_loader_vs_r50"]["keeps_up"] is True
     assert [(g["part"], g["met"] is None) for g in summary["goals"]] == \
         [("r50_eager", False), ("r50_compiled", True)]
+
+
+def test_on_a_gpu_machine_the_cuda_test_files_run_first(monkeypatch):
+    """tests/conftest.py: with CUDA, GPU_FIRST's files lead in that order and the others
+    follow in collection order; without, the order is untouched."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from . import conftest
+    names = ["test_analyze.py", "test_bench.py", "test_data.py", "test_distributed.py",
+             "test_engine.py", "test_engine.py", "test_zzz.py"]
+    items = [SimpleNamespace(path=SimpleNamespace(name=n), i=i) for i, n in enumerate(names)]
+    got = conftest.gpu_first(items)
+    assert [(it.path.name, it.i) for it in got] == [
+        ("test_engine.py", 4), ("test_engine.py", 5), ("test_data.py", 2),
+        ("test_analyze.py", 0), ("test_bench.py", 1), ("test_distributed.py", 3),
+        ("test_zzz.py", 6)]
+    for cuda in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        collected = list(items)
+        conftest.pytest_collection_modifyitems(None, collected)
+        assert collected == (got if cuda else items)
