@@ -47,8 +47,9 @@ class Runtime:
             torch.cuda.synchronize(self.device)
 
     def reset_peak_memory(self) -> None:
-        """Start a new window for ``peak_memory_gb`` (CUDA; nothing to do on the CPU)."""
-        if self.device.type == "cuda":
+        """Start a new window for ``peak_memory_gb`` (CUDA; nothing to do on the CPU). Before
+        CUDA is initialised nothing was allocated, and the allocator refuses the call."""
+        if self.device.type == "cuda" and torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def peak_memory_gb(self) -> float | None:

@@ -87,7 +87,8 @@ part env 60 $B env --require-cuda --json "$O/env.json"
 #   test_momentum_resumed_into_another_memory_format_*: the fused SGD after a resume that
 #     changes the layout (CUDA's fused kernel checks that the strides match)
 #   test_device_decode_draws_the_cpu_paths_crops: nvjpeg's crops against the CPU path's
-#     pixels (tests.xml holds each batch's mean and max difference in grey levels)
+#     pixels (tests.xml holds the worst image's mean and the largest difference, in grey
+#     levels, for each case)
 TESTS=${GPU_CHECK_TESTS:-"bf16_channels_last or fp16 or host_sync or counter_sees or \
 non_finite or poisoned_step or micro_batch or grad_norms_per_stage or compile_trains or \
 global_flags or pin_memory or amp_and_layout or prep_normalises or pca_lighting_equals or \

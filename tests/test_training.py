@@ -401,18 +401,25 @@ def test_each_runs_peak_memory_is_its_own(tmp_path, monkeypatch):
 
 
 def test_runtime_reads_cuda_peak_memory_and_starts_a_new_window(monkeypatch):
-    """peak_memory_gb reads the CUDA allocator's peak in GiB and resets it; on the CPU there
-    is none, and synchronize has nothing to wait for."""
+    """peak_memory_gb reads the CUDA allocator's peak in GiB and resets it; a reset before
+    CUDA is initialised is no call (the allocator would refuse it: a run in fp32 reaches its
+    start before anything initialises CUDA); on the CPU there is no peak, and synchronize
+    has nothing to wait for."""
     from resnet_train.runtime import Runtime
-    calls = []
+    calls, initialised = [], [False]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialised[0])
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 3 * 2**30)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: calls.append(("reset", d)))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda d: calls.append(("sync", d)))
     gpu = Runtime(torch.device("cuda:1"), torch.bfloat16, True)
+    gpu.reset_peak_memory()
+    assert calls == []
+    initialised[0] = True
+    gpu.reset_peak_memory()
     assert gpu.peak_memory_gb() == 3.0
     gpu.synchronize()
-    assert calls == [("reset", torch.device("cuda:1")), ("sync", torch.device("cuda:1"))]
+    assert calls == [("reset", torch.device("cuda:1"))] * 2 + [("sync", torch.device("cuda:1"))]
     cpu = Runtime(torch.device("cpu"), None, False)
     cpu.synchronize()
     cpu.reset_peak_memory()
-    assert cpu.peak_memory_gb() is None and len(calls) == 2
+    assert cpu.peak_memory_gb() is None and len(calls) == 3

@@ -353,15 +353,14 @@ class FolderLoader(Loader):
         bad images."""
         try:
             return decode_on_device(x, self.device, self._side), y, bad
-        except torch.OutOfMemoryError:
-            # Not silent: every such batch costs the main process a CPU decode.
-            if not self._oom_said:
+        except RuntimeError as e:
+            # Not silent when the device is out of memory: every such batch costs the main
+            # process a CPU decode (said once a loader; on the rank it happens on).
+            if not self._oom_said and _out_of_memory(e):
                 warn_stderr(f"warning: data.decode=device: out of device memory decoding a "
                             f"batch of {len(x.sizes)}; such batches are decoded on the CPU "
                             f"(slower). A smaller data.batch_size leaves nvjpeg room")
                 self._oom_said = True
-            return self.decoder.decode(x.key)
-        except RuntimeError:
             return self.decoder.decode(x.key)
 
     def bad_report(self) -> tuple[int, list[str]]:
@@ -378,6 +377,15 @@ class FolderLoader(Loader):
         # later pass, with new workers, allocates fresh segments), and the ring's shared
         # memory goes once the batches delivered from it are gone.
         self._keys.ring = self._ring = self.decoder.ring = None
+
+
+def _out_of_memory(e: RuntimeError) -> bool:
+    """Whether a failed device decode ran out of memory: torch's allocator (our buffers, or
+    torchvision's outputs, whose error torchvision re-raises as a plain RuntimeError) or
+    nvjpeg's own (its status 5, NVJPEG_STATUS_ALLOCATOR_FAILURE, ends the message)."""
+    text = str(e)
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower() \
+        or text.rstrip().endswith(": 5")
 
 
 def fixed_sample_shape(geometry: tuple) -> tuple[int, int, int] | None:
