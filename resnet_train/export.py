@@ -202,11 +202,11 @@ def _write_npy(path: str, array: Tensor) -> None:
 
 @contextlib.contextmanager
 def quiet_jit():
-    """torch.jit's deprecation notices (torch 2.9+) off: TorchScript works and is what this
-    format is; any other warning (a TracerWarning: the trace may be wrong) still shows."""
+    """torch.jit's deprecation notices (torch 2.9+; a FutureWarning in some releases, a
+    DeprecationWarning in others) off: TorchScript works and is what this format is; any
+    other warning (a TracerWarning: the trace may be wrong) still shows."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated",
-                                category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
         yield
 
 
@@ -339,7 +339,10 @@ def _export_onnx(src: Source, module: nn.Module, out: str, meta: dict) -> str:
     normalized = isinstance(module, Normalized)
     example = _example(src, EXAMPLE_BATCH, normalized)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch 2.11's exporter trips over its own pytree deprecation (nothing a user can
+            # act on); any other warning still shows
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`")
             program = torch.onnx.export(module, (example,), dynamo=True, verbose=False,
                                         input_names=["input"], output_names=["logits"],
                                         dynamic_shapes=({0: Dim("batch")},))
