@@ -83,6 +83,12 @@ class Timer:
         for f in dataclasses.fields(self):
             setattr(self, f.name, type(getattr(self, f.name))(state.get(f.name, f.default)))
 
+    def count(self, images: int, data_wait: float) -> None:
+        """One training step: its global images and its wait for the loader."""
+        self.steps += 1
+        self.images += images
+        self.data_wait += data_wait
+
     def window_rate(self, wall: float) -> float | None:
         """Images/s since the previous call, ``wall`` being this epoch's wall so far; starts
         the next window. None if no time passed."""

@@ -385,9 +385,7 @@ class Trainer:
             self.window_meter.add(stats)
             self.schedule.observe(st.step, stats, self._reduce)
             st.step += 1
-            self.timer.steps += 1
-            self.timer.images += x.shape[0] * info.world
-            self.timer.data_wait += t1 - t0
+            self.timer.count(x.shape[0] * info.world, t1 - t0)
             self.progress.tick(step + 1)
             self._log_points(lr, t0)
             epoch_end = st.step % spe == 0 or st.step == st.total_steps
