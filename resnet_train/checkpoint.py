@@ -276,6 +276,9 @@ class TrainState:
         self.metrics: dict | None = None  # the last epoch's record
         self.final_eval: dict | None = None  # the final evaluation's record (its protocol)
         self.classes: list[str] | None = None  # the dataset's class names, by label
+        # what the folder splits are (data.folder.split_digest): a resume on other files
+        # would silently change the epochs, their order and the schedule's position
+        self.splits: dict | None = None
 
     @property
     def epoch(self) -> int:
@@ -311,7 +314,7 @@ class TrainState:
             "complete": self.step >= self.total_steps and not self.epoch_end_pending,
             "best_top1": self.best_top1, "best_epoch": self.best_epoch,
             "world_size": self.info.world, "metrics": self.metrics,
-            "final_eval": self.final_eval, "classes": self.classes,
+            "final_eval": self.final_eval, "classes": self.classes, "splits": self.splits,
             "rng": rng_state(), "config": self.config,
             "versions": {"resnet_train": __version__, "torch": str(torch.__version__)},
             "saved_at": time.time(),
@@ -331,6 +334,7 @@ class TrainState:
             from .data import class_mismatch  # a folder changed under the run: labels moved
             raise CheckpointError(f"{path}: " + class_mismatch("this run's data", self.classes,
                                                                saved))
+        self._check_training_split(state.get("splits"), path)
         check_fits(self.parts["model"], state["model"], path)
         for name, part in self.parts.items():
             if part is None or state.get(name) is None:
@@ -351,6 +355,22 @@ class TrainState:
         self.final_eval = state.get("final_eval")
         self.classes = state.get("classes") or self.classes  # older checkpoints: the data's
         set_rng_state(state["rng"])
+
+    def _check_training_split(self, saved: dict | None, path: str) -> None:
+        """CheckpointError unless the training split is the one the checkpoint trained on:
+        its position (epoch, step) indexes that split's order. A moved dataset is the same
+        one; files added, removed or renamed are not. (Older checkpoints: not checked.)"""
+        old, new = (saved or {}).get("train"), (self.splits or {}).get("train")
+        if old is None or new is None or old == new:
+            return
+        what = (f"{old['images']} images then, {new['images']} now" if
+                old["images"] != new["images"] else f"the same number of images, {new['images']}, "
+                f"but other files or labels")
+        raise CheckpointError(
+            f"{path}: the training split (data.root, data.train_dir, data.val_fraction) is not "
+            f"the one this run trained on ({what}): its epochs, order and schedule would "
+            f"silently shift. Restore those files, or start a new run.dir from these weights "
+            f"(model.weights={path})")
 
 
 class OptimizerPart:

@@ -310,6 +310,7 @@ class Trainer:
              "normalization": Normalization(self.data, cfg.data.normalize)},
             to_dict(cfg), self.steps_per_epoch, total, info)
         self.state.classes = self.data.info.get("classes")  # for resnet-export, resnet-eval
+        self.state.splits = self.data.info.get("splits")
         if ckpt is not None:
             self.state.load_state_dict(ckpt, path)
             if info.is_main:

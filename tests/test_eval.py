@@ -20,6 +20,7 @@ from resnet_train.engine import evaluate
 from resnet_train.models import build_model
 from resnet_train.runtime import Runtime
 
+from .helpers import records
 from .test_distributed import torchrun
 
 CLASSES = ("ant", "bee", "cow")
@@ -476,4 +477,36 @@ def test_resume_refuses_data_whose_classes_changed(ckpt, folder, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "its classes are not the checkpoint's 3 (missing bee; new bat)" \
         in err[0], err
+    assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("change", ["added", "renamed", "moved"])
+def test_resume_refuses_a_training_split_that_changed(ckpt, folder, tmp_path, capsys, change):
+    """The checkpoint's position indexes its training split's order: a file added or renamed
+    (same classes) would silently shift the epochs, their order and the schedule, so the
+    resume is refused in one line, the checkpoints untouched; the same files under another
+    root (a moved dataset) resume."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(os.path.dirname(os.path.dirname(ckpt)), run_dir)
+    moved = tmp_path / "data"
+    shutil.copytree(folder, moved)
+    ant = moved / "train" / "ant"
+    if change == "added":
+        shutil.copy(ant / "00.jpg", ant / "99.jpg")
+    elif change == "renamed":
+        os.rename(ant / "00.jpg", ant / "99.jpg")
+    before = (run_dir / "checkpoints" / "last.pt").read_bytes()
+    capsys.readouterr()
+    args = [a for a in _train_args(str(moved), str(run_dir)) if not a.startswith("train.epochs")]
+    code = train_cli.main(args + ["train.epochs=2"])
+    out, err = capsys.readouterr()
+    if change == "moved":
+        assert code == 0, err
+        assert f"data.root: {folder} -> {moved}" in out
+        assert [r["epoch"] for r in records(str(run_dir))] == [0, 1]
+        return
+    assert code == 2
+    err = err.strip().splitlines()
+    assert len(err) == 1 and "the training split (data.root" in err[0], err
+    assert ("18 images then, 19 now" if change == "added" else "other files or labels") in err[0]
     assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before

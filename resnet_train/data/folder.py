@@ -504,6 +504,18 @@ def cached_pixel_mean(cfg, paths, labels, run_dir, rank: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- builder
 
 
+def split_digest(root: str, paths: np.ndarray, labels: np.ndarray) -> dict:
+    """What a split is, to tell on resume whether it is the one the run trained on: its size
+    and a hash of its files (relative to ``root``, so a moved dataset is the same one) and
+    labels, in order (a sample's index names its file)."""
+    h = hashlib.sha256()
+    prefix = os.fsencode(os.path.join(root, ""))
+    for p in paths:
+        h.update((p[len(prefix):] if p.startswith(prefix) else p) + b"\0")
+    h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return {"images": int(len(paths)), "sha256": h.hexdigest()[:16]}
+
+
 def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, held-out) indices: ``fraction`` of every class, drawn with ``seed``.
 
@@ -648,6 +660,9 @@ def build_folder(cfg, device, rank: int, world: int, run_dir=None,
                             rank=rank, world=world)
     val_prep = DevicePrep(mean, std, channels_last=False, device=device, reuse_output=reuse)
     info = {"classes": classes, "train_samples": n, "val_samples": len(val_paths),
-            "val_protocol": d.val.protocol}
+            "val_protocol": d.val.protocol,
+            "splits": None if eval_only else {
+                "train": split_digest(d.root, train_paths, train_labels),
+                "val": split_digest(d.root, val_paths, val_labels)}}
     return DataBundle(train, val, k, train_prep, val_prep, info, final,
                       lambda p: val_loader(dataclasses.replace(d.val, protocol=p), 12))
