@@ -203,7 +203,7 @@ class DataConfig:
     synthetic_classes: int = opt(10, "synthetic: number of classes (10..16)", resume="state",
                                  min=10, max=16)
     train_dir: str = opt("train", "folder datasets: training split directory", resume="safe")
-    val_dir: str = opt("val", "folder datasets: validation split directory", resume="safe")
+    val_dir: str = opt("val", "folder datasets: validation split directory", resume="eval")
     val_split: Literal["test", "holdout"] = opt(
         "test", "CIFAR validation: the test set, or a seeded holdout from train (paper 45k/5k)",
         resume="state")
@@ -916,6 +916,12 @@ def resume_changes(stored: dict, cfg: Config) -> ResumeDiff:
     return ResumeDiff(applied=[t for _, t in applied], refused=[t for _, t in refused],
                       applied_keys=[k for k, _ in applied], refused_keys=[k for k, _ in refused],
                       reasons=reasons)
+
+
+# The keys that change what a validation measures (not only when it runs): after a resume
+# that changes one, the best top-1 so far is not comparable with the next validation's.
+MEASURE_KEYS = ("data.val.crop", "data.val.protocol", "data.val.scales", "data.val.flip",
+                "data.val_samples", "data.val_dir", "train.precise_bn")
 
 
 def resume_refusal(path: str, diff: ResumeDiff) -> str:

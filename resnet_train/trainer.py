@@ -313,12 +313,43 @@ class Trainer:
         self.state.splits = self.data.info.get("splits")
         if ckpt is not None:
             self.state.load_state_dict(ckpt, path)
+            self._restart_best_if_validation_changed(ckpt, path)
             if info.is_main:
                 st, spe = self.state, self.steps_per_epoch
                 where = (f"epoch {st.last_epoch}'s validation" if st.epoch_end_pending
                          else f"epoch {st.epoch} step {st.step % spe}")
                 say(f"resuming from {path}: {where} (global step {st.step})")
         self.train_step.model = self._wrapped(self.model)
+
+    def _restart_best_if_validation_changed(self, ckpt: dict, path: str) -> None:
+        """A resume whose validation measures differently (MEASURE_KEYS, or other files in
+        the validation split) would compare the next top-1 with a best measured the old way:
+        the comparison starts again, and rank 0 keeps the old best.pt under another name.
+        Under the plateau schedule a changed split is refused, as those keys are."""
+        from .config import MEASURE_KEYS, resume_changes
+        st, cfg = self.state, self.cfg
+        changed = [k for k in resume_changes(ckpt["config"], cfg).applied_keys
+                   if k in MEASURE_KEYS]
+        old, new = (ckpt.get("splits") or {}).get("val"), (st.splits or {}).get("val")
+        if old is not None and new is not None and old != new:
+            if cfg.schedule.name == "plateau":
+                raise ckpt_io.CheckpointError(
+                    f"{path}: the validation split is not the one this run validated on "
+                    f"({old['images']} images then, {new['images']} now) and "
+                    f"schedule.name=plateau decides from its errors; restore those files")
+            changed.append(f"validation split ({old['images']} -> {new['images']} images)")
+        if not changed or st.best_epoch < 0:
+            return
+        if self.info.is_main:
+            best = os.path.join(self.ckpt_dir, "best.pt")
+            kept = os.path.join(self.ckpt_dir, f"best_before_step_{st.step}.pt")
+            if os.path.exists(best):
+                os.replace(best, kept)
+            say(f"note: validation changed ({', '.join(changed)}): the best top-1 so far "
+                f"({st.best_top1:.4f} at epoch {st.best_epoch}) was measured the old way; "
+                f"best.pt starts again from the next validation (the old one is "
+                f"{os.path.basename(kept)})")
+        st.best_top1, st.best_epoch = -1.0, -1
 
     def _wrapped(self, model: nn.Module) -> nn.Module:
         """The model as the step runs it: compiled, in DDP. Wrapped after loading: DDP

@@ -255,7 +255,7 @@ def test_every_key_is_classified_for_resume():
                  "run.diagnostics_every", "model.log_block_norms",
                  "data.root",
                  "data.workers",
-                 "data.train_dir", "data.val_dir", "data.download", "data.on_bad_image",
+                 "data.train_dir", "data.download", "data.on_bad_image",
                  "data.pin_memory", "data.prefetch", "data.val.final_protocol", "train.amp",
                  "train.channels_last",
                  "train.compile", "train.max_bad_steps", "checkpoint.every_steps",
@@ -264,7 +264,7 @@ def test_every_key_is_classified_for_resume():
         "length": ["train.epochs", "train.iterations"],
         "eval": ["data.val.crop", "data.val.protocol", "data.val.scales", "data.val.flip",
                  "train.precise_bn",
-                 "data.val_samples", "train.eval_every"],
+                 "data.val_samples", "train.eval_every", "data.val_dir"],
         "ignored": ["checkpoint.resume", "checkpoint.allow_changes"],
     }
     assert sorted(k for ks in expected.values() for k in ks) == sorted(keys)  # all, once

@@ -510,3 +510,44 @@ def test_resume_refuses_a_training_split_that_changed(ckpt, folder, tmp_path, ca
     assert len(err) == 1 and "the training split (data.root" in err[0], err
     assert ("18 images then, 19 now" if change == "added" else "other files or labels") in err[0]
     assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("change", ["key", "split", "split-plateau"])
+def test_a_resume_that_changes_the_validation_restarts_the_best(ckpt, folder, tmp_path, capsys,
+                                                              change):
+    """best.pt holds the best top-1 so far; after a resume whose validation measures
+    differently (a measuring key, or files added to val/) the next top-1 is not comparable
+    with it: the comparison starts again, said in one note, the old best.pt kept under
+    another name. Under plateau (which decides from those errors) a changed split is
+    refused, as the keys are."""
+    moved = tmp_path / "data"
+    shutil.copytree(folder, moved)
+    run_dir = tmp_path / "run"
+    extra = ["data.val.crop=24"] if change == "key" else []
+    if change == "split-plateau":
+        args = _train_args(str(moved), str(run_dir)) + ["schedule.name=plateau"]
+        assert train_cli.main(args) == 0
+    else:
+        shutil.copytree(os.path.dirname(os.path.dirname(ckpt)), run_dir)
+        args = _train_args(str(moved), str(run_dir))
+    if change.startswith("split"):
+        shutil.copy(moved / "val" / "ant" / "00.jpg", moved / "val" / "ant" / "99.jpg")
+    old = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    capsys.readouterr()
+    code = train_cli.main([a for a in args if not a.startswith("train.epochs")]
+                          + ["train.epochs=2", *extra])
+    out, err = capsys.readouterr()
+    if change == "split-plateau":
+        assert code == 2 and len(err.strip().splitlines()) == 1
+        assert "the validation split is not the one this run validated on (15 images then, " \
+               "16 now)" in err
+        return
+    assert code == 0, err
+    what = "data.val.crop" if change == "key" else "validation split (15 -> 16 images)"
+    assert f"note: validation changed ({what}): the best top-1 so far ({old['best_top1']:.4f} " \
+           f"at epoch 0)" in out
+    kept = torch.load(run_dir / "checkpoints" / "best_before_step_3.pt", weights_only=True)
+    assert (kept["best_top1"], kept["global_step"]) == (old["best_top1"], 3)
+    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    assert (best["best_epoch"], best["global_step"]) == (1, 6)  # the first new validation
+    assert best["best_top1"] == records(str(run_dir))[-1]["val_top1"]
