@@ -520,7 +520,10 @@ class Trainer:
         # counts (each rank decodes its own shard: the counts add up).
         train = self._read(self.epoch_meter, (self.train_bad.count, float(val_bad)))
         bad, val_bad = (int(v) for v in train["extra"])
-        self.schedule.on_epoch_end(epoch, None if val is None else 1.0 - val["top1"])
+        # The plateau rule judges whole epochs: an epoch cut short by train.iterations is
+        # judged at its real end if a longer run resumes it (else never: the run is over).
+        whole = st.step % self.steps_per_epoch == 0
+        self.schedule.on_epoch_end(epoch, 1.0 - val["top1"] if val and whole else None)
         improved = val is not None and val["top1"] > st.best_top1
         if improved:
             st.best_top1, st.best_epoch = val["top1"], epoch
@@ -607,8 +610,9 @@ class Trainer:
         if peak is not None:
             perf["peak_mem_gb"] = peak
         v = val or {}
-        return {"kind": "epoch", "epoch": epoch, "global_step": self.state.step,
-                "lr": self.train_step.optimizer.param_groups[0]["lr"],
+        group = self.train_step.optimizer.param_groups[0]
+        lr = group["lr"] / group.get("lr_scale", 1.0)  # the schedule's, as the step records'
+        return {"kind": "epoch", "epoch": epoch, "global_step": self.state.step, "lr": lr,
                 # (None: every step of the epoch was skipped)
                 **{f"train_{k}": train[k] if train["n"] else None for k in ("loss", "top1",
                                                                              "top5")},

@@ -20,7 +20,7 @@ from resnet_train.errors import ConfigError, DataError
 from resnet_train.models import build_model
 from resnet_train.optim import LRSchedule, build_optimizer
 
-from .helpers import tiny
+from .helpers import records, tiny
 
 # --------------------------------------------------------------------------- holdout
 
@@ -283,3 +283,14 @@ def test_the_configs_are_package_data_of_an_installable_package():
     assert os.path.isfile(os.path.join(PACKAGED_DIR, "__init__.py"))
     assert 'resnet-export = "resnet_train.cli.export:main"' in text
     assert len(packaged_configs()) >= 68
+
+
+def test_the_logged_lr_is_the_schedules_when_the_head_is_frozen(tmp_path):
+    """With fc frozen, the backbone's groups come first: the epoch record's lr is still the
+    schedule's (as the step records'), not the backbone's scaled one."""
+    run_dir = str(tmp_path / "r")
+    assert train_cli.main(tiny(run_dir, "train.epochs=1", "model.freeze=[fc]",
+                               "optim.backbone_lr_scale=0.1")) == 0
+    (epoch,) = records(run_dir)
+    assert records(run_dir, "step")[-1]["lr"] == pytest.approx(0.05, rel=1e-12)
+    assert epoch["lr"] == pytest.approx(0.05, rel=1e-12)

@@ -310,3 +310,20 @@ def test_a_kill_before_the_first_checkpoint_leaves_no_duplicate_records(tmp_path
     assert train_cli.main(args) == 0
     assert [r["global_step"] for r in records(run_dir, "step")] == list(range(1, 9))
     assert _tb_steps(run_dir, "iter/train_loss") == list(range(1, 9))
+
+
+def test_plateau_judges_an_epoch_cut_short_at_its_real_end_when_the_run_is_extended(tmp_path):
+    """train.iterations=12 ends epoch 1 of 8 steps at step 12 and validates it; extended to
+    24 iterations, the run must decide the plateau rule on epoch 1's real end (step 16), as
+    an uninterrupted 24-iteration run does (it decided on the partial epoch, and ignored the
+    real end: other lrs for steps 17-24)."""
+    plateau = ("run.deterministic=true", "schedule.name=plateau", "schedule.patience=0",
+               "schedule.threshold=0.035", "run.log_every=1")
+    split, whole = str(tmp_path / "split"), str(tmp_path / "whole")
+    assert train_cli.main(tiny(split, *plateau, "train.iterations=12")) == 0
+    assert train_cli.main(tiny(split, *plateau, "train.iterations=24")) == 0
+    assert train_cli.main(tiny(whole, *plateau, "train.iterations=24")) == 0
+    lrs = [[r["lr"] for r in records(d, "step")] for d in (split, whole)]
+    assert len(lrs[0]) == len(lrs[1]) == 24
+    assert lrs[0] == lrs[1]
+    assert len(set(lrs[1])) > 1  # the rule did decay in this setting: the test can tell
