@@ -239,8 +239,8 @@ class Trainer:
             notice.append(resume_notice(diff))
         world = ckpt.get("world_size", 1)
         if world != self.info.world:
-            notice.append(f"note: resuming a run of {world} process(es) with "
-                          f"{self.info.world}; the global batch and data order are unchanged")
+            notice.append(world_change_note(world, self.info.world, cfg.data.batch_size,
+                                            cfg.train.accum_steps))
         if found:
             notice += self._finish_interrupted_save(path, ckpt, positions)
         return path, ckpt, notice
@@ -739,6 +739,21 @@ class Trainer:
             ckpt_io.atomic_save(state, os.path.join(self.ckpt_dir, name))
         if any(n.startswith("epoch_") for n in names):
             ckpt_io.prune_epochs(self.ckpt_dir, self.cfg.checkpoint.keep_last)
+
+
+def world_change_note(old: int, new: int, batch: int, accum: int) -> str:
+    """The note of a resume at another number of processes: the global batch and the data
+    order do not change, but BatchNorm's batch (a process's micro-batch) does."""
+    note = (f"note: resuming a run of {old} process(es) with {new}; the global batch and "
+            f"data order are unchanged")
+    before, now = batch // (old * accum), batch // (new * accum)
+    if before == now:
+        return note
+    keep = accum * old / new
+    hint = (f"; train.accum_steps={keep:.0f} with checkpoint.allow_changes=[train.accum_steps] "
+            f"keeps it" if keep == int(keep) and keep >= 1 and batch % (new * keep) == 0 else "")
+    return (f"{note}, BatchNorm's batch (images per process and micro-batch) is not: "
+            f"{before} -> {now}{hint}")
 
 
 def _close(batches) -> None:
