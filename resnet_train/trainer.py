@@ -449,6 +449,21 @@ class Trainer:
             self._log_step(lr, t0)
         if diag and step % diag == 0 and self.info.is_main:
             self._log_diagnostics(step)
+        if self.schedule.low_lr.threshold is not None and self.info.is_main:
+            self._warmup_notes(step)
+
+    def _warmup_notes(self, step: int) -> None:
+        """The ResNet-110 low-lr warm-up: one line when it ends, and a warning if it is still
+        on at the first milestone (the whole run would train at a fraction of its lr)."""
+        low, s = self.schedule.low_lr, self.cfg.schedule
+        if low.ended_at == step:
+            say(f"note: low-lr warm-up over at iteration {step}: the train error of the last "
+                f"{low.CHECK_EVERY} steps is below {low.threshold:.0%}; lr x{low.factor} ends")
+        elif low.watching and s.name == "multistep" and s.milestones \
+                and step == s.milestones[0] * self.schedule.unit_steps:
+            say(f"warning: the low-lr warm-up (lr x{low.factor} until the train error is below "
+                f"{low.threshold:.0%}) is still on at the first milestone (iteration {step}): "
+                f"the run goes on at x{low.factor} its schedule")
 
     def _reduce(self, values: list[float]) -> list[float]:
         return dist_utils.all_reduce_sum(values, self.runtime.device, self.info)

@@ -173,16 +173,26 @@ def test_indivisible_accumulation_is_a_config_error(tmp_path, capsys):
     assert "train.accum_steps" in capsys.readouterr().err
 
 
-def test_low_lr_warmup_switches_back_when_train_error_drops(tmp_path):
+def test_low_lr_warmup_switches_back_when_train_error_drops(tmp_path, capsys):
+    """The switch is said in one line at its iteration; a warm-up still on at the first
+    milestone is warned about (the run would go on at a tenth of its schedule)."""
     run_dir = str(tmp_path / "w")
     # The threshold 0.95 is crossed almost at once; 0.0 is never crossed.
     assert train_cli.main(tiny(run_dir, "train.epochs=1", "schedule.low_lr_until_error=0.95",
                                "schedule.low_lr_factor=0.1")) == 0
     state = last(run_dir)["schedule"]
     assert state["low_lr_ended_at"] is not None and state["low_lr_ended_at"] < 8
+    out = capsys.readouterr().out
+    assert f"note: low-lr warm-up over at iteration {state['low_lr_ended_at']}: the train " \
+           f"error of the last 5 steps is below 95%" in out and "warning" not in out
     run2 = str(tmp_path / "w2")
-    assert train_cli.main(tiny(run2, "train.epochs=1", "schedule.low_lr_until_error=0.0")) == 0
+    assert train_cli.main(tiny(run2, "train.epochs=2", "schedule.low_lr_until_error=0.0",
+                               "schedule.milestones=[1]")) == 0
     assert last(run2)["schedule"]["low_lr_ended_at"] is None
+    warned = [ln for ln in capsys.readouterr().out.splitlines() if "still on" in ln]
+    assert warned == ["warning: the low-lr warm-up (lr x0.1 until the train error is below "
+                      "0%) is still on at the first milestone (iteration 8): the run goes on "
+                      "at x0.1 its schedule"]
     assert metrics(run2)[0]["lr"] == pytest.approx(0.005)
 
 
