@@ -218,6 +218,20 @@ def position(ckpt: dict) -> tuple[int, int]:
     return int(ckpt.get("global_step", 0)), int(ckpt.get("epoch", 0))
 
 
+def split_change(old: dict, new: dict) -> str:
+    """How a split differs from the one a checkpoint stored (data.folder.split_digest)."""
+    if old["images"] != new["images"]:
+        return f"{old['images']} images then, {new['images']} now"
+    return f"the same number of images, {new['images']}, but other files or labels"
+
+
+KEPT_BEST = "best_before_step_{}.pt"  # a best.pt set aside when validation changed
+
+
+def kept_best(step: int) -> str:
+    return KEPT_BEST.format(step)
+
+
 def find_resumable(directory: str, warn=print,
                    positions: dict | None = None) -> tuple[str, dict] | None:
     """The newest loadable checkpoint in ``directory`` (by training progress).
@@ -227,7 +241,7 @@ def find_resumable(directory: str, warn=print,
     file's name and (global_step, epoch).
     """
     paths = [p for p in glob.glob(os.path.join(directory, "*.pt"))
-             if not os.path.basename(p).startswith(".tmp-")]
+             if not os.path.basename(p).startswith((".tmp-", KEPT_BEST.split("{")[0]))]
     # last.pt, best.pt (and any other name), newest first by mtime; then the epoch files,
     # highest first, only down to the first loadable one: an older one is never further
     # on, and a run with keep_last 0 must not read 90 ResNet-50 checkpoints to resume.
@@ -363,9 +377,7 @@ class TrainState:
         old, new = (saved or {}).get("train"), (self.splits or {}).get("train")
         if old is None or new is None or old == new:
             return
-        what = (f"{old['images']} images then, {new['images']} now" if
-                old["images"] != new["images"] else f"the same number of images, {new['images']}, "
-                f"but other files or labels")
+        what = split_change(old, new)
         raise CheckpointError(
             f"{path}: the training split (data.root, data.train_dir, data.val_fraction) is not "
             f"the one this run trained on ({what}): its epochs, order and schedule would "

@@ -920,8 +920,22 @@ def resume_changes(stored: dict, cfg: Config) -> ResumeDiff:
 
 # The keys that change what a validation measures (not only when it runs): after a resume
 # that changes one, the best top-1 so far is not comparable with the next validation's.
+# (A folder's validation files, data.val_dir's among them, are compared by their hash.)
 MEASURE_KEYS = ("data.val.crop", "data.val.protocol", "data.val.scales", "data.val.flip",
-                "data.val_samples", "data.val_dir", "train.precise_bn")
+                "data.val_samples", "train.precise_bn")
+
+
+def measuring(keys: list[str], cfg: Config) -> list[str]:
+    """Those of ``keys`` (changed on resume) that change what validation measures under
+    ``cfg``: scales and flip only under the multiscale protocol, val_samples only for the
+    synthetic sets (the others' validation split is their files)."""
+    def live(key: str) -> bool:
+        if key in ("data.val.scales", "data.val.flip"):
+            return cfg.data.val.protocol == "multiscale"
+        if key == "data.val_samples":
+            return cfg.data.dataset.startswith("synthetic")
+        return True
+    return [k for k in keys if k in MEASURE_KEYS and live(k)]
 
 
 def resume_refusal(path: str, diff: ResumeDiff) -> str:

@@ -36,8 +36,8 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_bn_bias: bool,
     shrinks the scale of normalised layers, which is why large-batch recipes exempt them.
     With ``backbone_lr_scale`` != 1 everything outside the head ``fc`` is in groups of their
     own whose ``lr_scale`` LRSchedule.apply multiplies in (fine-tuning: pre-trained layers
-    move slower than the new head). The head's groups come first, so param_groups[0]["lr"] is
-    the schedule's lr, the one the logs report.
+    move slower than the new head). The head's groups come first (with the head frozen there
+    are none: the logs report LRSchedule's lr, not a group's).
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if backbone_lr_scale == 1.0:

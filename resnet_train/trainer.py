@@ -239,8 +239,9 @@ class Trainer:
             notice.append(resume_notice(diff))
         world = ckpt.get("world_size", 1)
         if world != self.info.world:
+            old_accum = ckpt["config"].get("train", {}).get("accum_steps", 1)
             notice.append(world_change_note(world, self.info.world, cfg.data.batch_size,
-                                            cfg.train.accum_steps))
+                                            old_accum, cfg.train.accum_steps))
         if found:
             notice += self._finish_interrupted_save(path, ckpt, positions)
         return path, ckpt, notice
@@ -254,7 +255,10 @@ class Trainer:
         every = ckpt["config"].get("checkpoint", {}).get("every_epochs",
                                                          self.cfg.checkpoint.every_epochs)
         names = ckpt_io.epoch_end_names(ckpt, every)  # the files the save that was cut wrote
-        missing = [n for n in names if positions.get(n) != position]
+        # (a best.pt set aside at this position, for a changed validation, was not cut)
+        missing = [n for n in names if positions.get(n) != position and not (
+            n == "best.pt" and os.path.exists(os.path.join(self.ckpt_dir,
+                                                           ckpt_io.kept_best(position[0]))))]
         for name in missing:
             ckpt_io.atomic_save(ckpt, os.path.join(self.ckpt_dir, name))
         ckpt_io.prune_epochs(self.ckpt_dir, self.cfg.checkpoint.keep_last)
@@ -326,29 +330,30 @@ class Trainer:
         the validation split) would compare the next top-1 with a best measured the old way:
         the comparison starts again, and rank 0 keeps the old best.pt under another name.
         Under the plateau schedule a changed split is refused, as those keys are."""
-        from .config import MEASURE_KEYS, resume_changes
+        from .config import measuring, resume_changes
         st, cfg = self.state, self.cfg
-        changed = [k for k in resume_changes(ckpt["config"], cfg).applied_keys
-                   if k in MEASURE_KEYS]
+        changed = measuring(resume_changes(ckpt["config"], cfg).applied_keys, cfg)
         old, new = (ckpt.get("splits") or {}).get("val"), (st.splits or {}).get("val")
         if old is not None and new is not None and old != new:
+            what = ckpt_io.split_change(old, new)
             if cfg.schedule.name == "plateau":
                 raise ckpt_io.CheckpointError(
                     f"{path}: the validation split is not the one this run validated on "
-                    f"({old['images']} images then, {new['images']} now) and "
-                    f"schedule.name=plateau decides from its errors; restore those files")
-            changed.append(f"validation split ({old['images']} -> {new['images']} images)")
+                    f"({what}) and schedule.name=plateau decides from its errors; restore "
+                    f"those files")
+            changed.append(f"validation split: {what}")
         if not changed or st.best_epoch < 0:
             return
         if self.info.is_main:
             best = os.path.join(self.ckpt_dir, "best.pt")
-            kept = os.path.join(self.ckpt_dir, f"best_before_step_{st.step}.pt")
-            if os.path.exists(best):
+            kept = os.path.join(self.ckpt_dir, ckpt_io.kept_best(st.step))
+            moved = os.path.exists(best)
+            if moved:
                 os.replace(best, kept)
             say(f"note: validation changed ({', '.join(changed)}): the best top-1 so far "
                 f"({st.best_top1:.4f} at epoch {st.best_epoch}) was measured the old way; "
-                f"best.pt starts again from the next validation (the old one is "
-                f"{os.path.basename(kept)})")
+                f"best.pt starts again from the next validation"
+                + (f" (the old one is now {os.path.basename(kept)})" if moved else ""))
         st.best_top1, st.best_epoch = -1.0, -1
 
     def _wrapped(self, model: nn.Module) -> nn.Module:
@@ -538,11 +543,12 @@ class Trainer:
         # The plateau rule judges whole epochs: an epoch cut short by train.iterations is
         # judged at its real end if a longer run resumes it (else never: the run is over).
         whole = st.step % self.steps_per_epoch == 0
+        lr = self.schedule.lr_at(st.step - 1)  # the last step's (before a plateau decision)
         self.schedule.on_epoch_end(epoch, 1.0 - val["top1"] if val and whole else None)
         improved = val is not None and val["top1"] > st.best_top1
         if improved:
             st.best_top1, st.best_epoch = val["top1"], epoch
-        rec = self._epoch_record(epoch, train, val, bad, val_bad)
+        rec = self._epoch_record(epoch, train, val, bad, val_bad, lr)
         if info.is_main:
             self._report_epoch(rec, val, (bad_paths, val_paths))
         if final is not None:
@@ -615,7 +621,7 @@ class Trainer:
         return rec
 
     def _epoch_record(self, epoch: int, train: dict, val: dict | None, bad: int,
-                      val_bad: int) -> dict:
+                      val_bad: int, lr: float) -> dict:
         timer = self.timer
         perf = {"images_per_sec": timer.images / max(timer.wall, 1e-9),
                 "epoch_seconds": timer.wall,
@@ -625,8 +631,6 @@ class Trainer:
         if peak is not None:
             perf["peak_mem_gb"] = peak
         v = val or {}
-        group = self.train_step.optimizer.param_groups[0]
-        lr = group["lr"] / group.get("lr_scale", 1.0)  # the schedule's, as the step records'
         return {"kind": "epoch", "epoch": epoch, "global_step": self.state.step, "lr": lr,
                 # (None: every step of the epoch was skipped)
                 **{f"train_{k}": train[k] if train["n"] else None for k in ("loss", "top1",
@@ -756,15 +760,15 @@ class Trainer:
             ckpt_io.prune_epochs(self.ckpt_dir, self.cfg.checkpoint.keep_last)
 
 
-def world_change_note(old: int, new: int, batch: int, accum: int) -> str:
+def world_change_note(old: int, new: int, batch: int, old_accum: int, accum: int) -> str:
     """The note of a resume at another number of processes: the global batch and the data
-    order do not change, but BatchNorm's batch (a process's micro-batch) does."""
+    order do not change, but BatchNorm's batch (a process's micro-batch) may."""
     note = (f"note: resuming a run of {old} process(es) with {new}; the global batch and "
             f"data order are unchanged")
-    before, now = batch // (old * accum), batch // (new * accum)
+    before, now = batch // (old * old_accum), batch // (new * accum)
     if before == now:
         return note
-    keep = accum * old / new
+    keep = old_accum * old / new
     hint = (f"; train.accum_steps={keep:.0f} with checkpoint.allow_changes=[train.accum_steps] "
             f"keeps it" if keep == int(keep) and keep >= 1 and batch % (new * keep) == 0 else "")
     return (f"{note}, BatchNorm's batch (images per process and micro-batch) is not: "

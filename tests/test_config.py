@@ -458,3 +458,18 @@ def test_readme_reference_shows_resume_class():
     assert any(x.startswith("| `run.log_every` | int | `50` | safe |") for x in lines)
     assert any(x.startswith("| `train.epochs` | int | `160` | refused under cosine |")
                for x in lines)
+
+
+def test_only_validation_keys_in_effect_restart_the_best_model_comparison():
+    """config.measuring: scales and flip measure only under the multiscale protocol,
+    val_samples only for the synthetic sets; eval_every changes when, not what."""
+    from resnet_train.config import measuring
+    keys = ["data.val.scales", "data.val.flip", "data.val_samples", "data.val.crop",
+            "train.eval_every", "run.log_every"]
+    folder = load_config(data={"data": {"dataset": "folder"}}, paths=False)
+    multi = load_config(data={"data": {"dataset": "folder", "val": {"protocol": "multiscale"}}},
+                        paths=False)
+    synthetic = load_config(data={"data": {"dataset": "synthetic"}}, paths=False)
+    assert measuring(keys, folder) == ["data.val.crop"]
+    assert measuring(keys, multi) == ["data.val.scales", "data.val.flip", "data.val.crop"]
+    assert measuring(keys, synthetic) == ["data.val_samples", "data.val.crop"]

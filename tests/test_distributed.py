@@ -339,12 +339,15 @@ def test_a_resume_at_another_world_size_names_the_batchnorm_batch_it_changes():
     """The global batch and order are the same at any world size; BatchNorm's batch is not
     (DRL's CIFAR runs: 64 on each of two GPUs), and the note says how to keep it."""
     from resnet_train.trainer import world_change_note
-    assert world_change_note(2, 2, 128, 1).endswith("data order are unchanged")
-    two_to_one = world_change_note(2, 1, 128, 1)
+    assert world_change_note(2, 2, 128, 1, 1).endswith("data order are unchanged")
+    two_to_one = world_change_note(2, 1, 128, 1, 1)
     assert "BatchNorm's batch (images per process and micro-batch) is not: 64 -> 128" in two_to_one
     assert two_to_one.endswith("train.accum_steps=2 with checkpoint.allow_changes="
                                "[train.accum_steps] keeps it")
-    assert world_change_note(1, 2, 128, 1).endswith("128 -> 64")  # (no accumulation of 1/2)
-    assert world_change_note(4, 8, 256, 2).endswith(
+    # ... and once followed (accum 1 -> 2 on one process) there is nothing more to say
+    assert world_change_note(2, 1, 128, 1, 2).endswith("data order are unchanged")
+    assert world_change_note(1, 2, 128, 2, 1).endswith("data order are unchanged")
+    assert world_change_note(1, 2, 128, 1, 1).endswith("128 -> 64")  # (no accumulation of 1/2)
+    assert world_change_note(4, 8, 256, 2, 2).endswith(
         "32 -> 16; train.accum_steps=1 with checkpoint.allow_changes=[train.accum_steps] "
         "keeps it")

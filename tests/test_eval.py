@@ -512,27 +512,36 @@ def test_resume_refuses_a_training_split_that_changed(ckpt, folder, tmp_path, ca
     assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
 
 
-@pytest.mark.parametrize("change", ["key", "split", "split-plateau"])
+@pytest.mark.parametrize("change", ["key", "split", "split-plateau", "killed-after-rename"])
 def test_a_resume_that_changes_the_validation_restarts_the_best(ckpt, folder, tmp_path, capsys,
                                                               change):
     """best.pt holds the best top-1 so far; after a resume whose validation measures
     differently (a measuring key, or files added to val/) the next top-1 is not comparable
     with it: the comparison starts again, said in one note, the old best.pt kept under
-    another name. Under plateau (which decides from those errors) a changed split is
-    refused, as the keys are."""
+    another name (here the saved best is made unbeatable, 1.0: only a restart lets the next
+    epoch become best.pt). Under plateau (which decides from those errors) a changed split
+    is refused, as the keys are. A kill after the renaming, before any save: the next resume
+    neither rewrites best.pt as a save cut short nor resumes from the kept file."""
     moved = tmp_path / "data"
     shutil.copytree(folder, moved)
     run_dir = tmp_path / "run"
-    extra = ["data.val.crop=24"] if change == "key" else []
+    ckpts = run_dir / "checkpoints"
+    extra = ["data.val.crop=24"] if change in ("key", "killed-after-rename") else []
     if change == "split-plateau":
         args = _train_args(str(moved), str(run_dir)) + ["schedule.name=plateau"]
         assert train_cli.main(args) == 0
     else:
         shutil.copytree(os.path.dirname(os.path.dirname(ckpt)), run_dir)
         args = _train_args(str(moved), str(run_dir))
+        for name in ("last.pt", "best.pt"):
+            state = torch.load(ckpts / name, weights_only=True)
+            torch.save({**state, "best_top1": 1.0}, ckpts / name)
     if change.startswith("split"):
         shutil.copy(moved / "val" / "ant" / "00.jpg", moved / "val" / "ant" / "99.jpg")
-    old = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    if change == "killed-after-rename":
+        os.replace(ckpts / "best.pt", ckpts / "best_before_step_3.pt")
+    old = torch.load(ckpts / ("best_before_step_3.pt" if change == "killed-after-rename"
+                              else "best.pt"), weights_only=True)
     capsys.readouterr()
     code = train_cli.main([a for a in args if not a.startswith("train.epochs")]
                           + ["train.epochs=2", *extra])
@@ -543,11 +552,13 @@ def test_a_resume_that_changes_the_validation_restarts_the_best(ckpt, folder, tm
                "16 now)" in err
         return
     assert code == 0, err
-    what = "data.val.crop" if change == "key" else "validation split (15 -> 16 images)"
+    what = "validation split: 15 images then, 16 now" if change == "split" else "data.val.crop"
     assert f"note: validation changed ({what}): the best top-1 so far ({old['best_top1']:.4f} " \
            f"at epoch 0)" in out
-    kept = torch.load(run_dir / "checkpoints" / "best_before_step_3.pt", weights_only=True)
-    assert (kept["best_top1"], kept["global_step"]) == (old["best_top1"], 3)
-    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    renamed = "(the old one is now best_before_step_3.pt)" in out
+    assert renamed == (change != "killed-after-rename") and "cut short" not in out
+    kept = torch.load(ckpts / "best_before_step_3.pt", weights_only=True)
+    assert (kept["best_top1"], kept["global_step"]) == (1.0, 3)
+    best = torch.load(ckpts / "best.pt", weights_only=True)
     assert (best["best_epoch"], best["global_step"]) == (1, 6)  # the first new validation
-    assert best["best_top1"] == records(str(run_dir))[-1]["val_top1"]
+    assert best["best_top1"] == records(str(run_dir))[-1]["val_top1"]  # (not above 1.0)
