@@ -11,6 +11,7 @@ agreed stop after a signal. The step itself is ``engine.TrainStep``.
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 import random
 import signal
@@ -26,7 +27,7 @@ from .data import BadImages, final_val_config
 from .data.sampling import batch_generator
 from .engine import (SCALER_CALIBRATION, Meter, Timer, TrainStep, evaluate, precise_bn,
                      scorer_for, stage_groups)
-from .errors import ConfigError, EnvironmentFailure, ResnetTrainError, UserError
+from .errors import ConfigError, DataError, EnvironmentFailure, ResnetTrainError, UserError
 from .logging import Progress, RunLogger, say
 from .runtime import (AMP_NAMES, build_model_for, configure_host_memory, configure_threads,
                       device_kind, resolve_runtime)
@@ -284,6 +285,7 @@ class Trainer:
         random.seed(cfg.run.seed)
         self.data = build_data(cfg, runtime.device, info.rank, info.world, cfg.run_dir,
                                norm=None if ckpt is None else ckpt.get("normalization"))
+        self._check_same_data_on_every_rank()
         self.model = build_model_for(cfg, self.data.num_classes, runtime)
         self._start_model(ckpt is None)
         self.steps_per_epoch = len(self.data.train)
@@ -324,6 +326,25 @@ class Trainer:
                          else f"epoch {st.epoch} step {st.step % spe}")
                 say(f"resuming from {path}: {where} (global step {st.step})")
         self.train_step.model = self._wrapped(self.model)
+
+    def _check_same_data_on_every_rank(self) -> None:
+        """Under DDP each rank scans its own folders (node-local copies of a dataset): a rank
+        whose splits differ would read other images under the same sample numbers, silently.
+        One collective; every rank refuses alike (exit 2)."""
+        splits, info = self.data.info.get("splits"), self.info
+        if not info.enabled or not splits:
+            return
+        # 52 bits of the splits' hashes: exact in the float64 the reduction carries
+        key = int(hashlib.sha256(repr(sorted(splits.items())).encode())
+                  .hexdigest()[:13], 16)
+        device = self.runtime.device
+        if dist_utils.min_over_ranks(key, device, info) != -dist_utils.min_over_ranks(
+                -key, device, info):
+            t = splits["train"]
+            raise DataError(f"{self.cfg.data.root}: the folder splits differ between processes "
+                            f"(rank {info.rank}: {t['images']} training images, hash "
+                            f"{t['sha256']}); every node's copy of the dataset must hold the "
+                            f"same files")
 
     def _restart_best_if_validation_changed(self, ckpt: dict, path: str) -> None:
         """A resume whose validation measures differently (MEASURE_KEYS, or other files in

@@ -2,6 +2,7 @@
 
 slow_then_full: rank 0's checkpoint writes take 1.5 s; the first one succeeds, every later
 one fails with ENOSPC. Every rank prints when it leaves a save.
+other_copy_on_rank1: rank 1 reads its data.root with "_other" appended (a node-local copy).
 """
 
 import errno
@@ -35,7 +36,10 @@ if mode == "slow_then_full":
         real_save(self, names)
         print(f"probe: rank {rank} left save at {time.time():.3f}", flush=True)
     ckpt_io.atomic_save, trainer.Trainer._save = slow, save
-rc = train_cli.main(sys.argv[2:])
+args = sys.argv[2:]
+if mode == "other_copy_on_rank1" and rank == 1:
+    args = [a + "_other" if a.startswith("data.root=") else a for a in args]
+rc = train_cli.main(args)
 # printed by the worker itself: torchrun may stop a slower rank before it reports its code
 print(f"probe: rank {rank} exits {rc}", flush=True)
 sys.exit(rc)

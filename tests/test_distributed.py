@@ -351,3 +351,33 @@ def test_a_resume_at_another_world_size_names_the_batchnorm_batch_it_changes():
     assert world_change_note(4, 8, 256, 2, 2).endswith(
         "32 -> 16; train.accum_steps=1 with checkpoint.allow_changes=[train.accum_steps] "
         "keeps it")
+
+
+def test_ranks_that_see_different_copies_of_the_dataset_all_refuse(tmp_path):
+    """Node-local copies of a folder dataset: a rank whose copy lacks a file would read other
+    images under the same sample numbers. Every rank compares the splits' hashes and exits
+    2 with the line (no rank trains, none hangs)."""
+    import numpy as np
+    from PIL import Image
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for c in ("a", "b", "c"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(
+                    root / split / c / f"{i}.jpg")
+    other = tmp_path / "data_other"
+    shutil.copytree(root, other)
+    os.remove(other / "train" / "b" / "3.jpg")
+    run_dir = str(tmp_path / "run")
+    # a slow monitor: torchrun would stop the other rank once it sees one exit
+    r = _probe("other_copy_on_rank1", *tiny(
+        run_dir, "data.dataset=folder", f"data.root={root}", "data.workers=0",
+        "data.batch_size=6", "data.train.scale=[32,36]", "data.train.crop=28",
+        "data.val.resize=32", "data.val.crop=28", "train.epochs=1"),
+        launcher=("--monitor-interval=5",))
+    assert sorted(re.findall(r"probe: rank (\d) exits (\d+)", r.stdout)) == [("0", "2"), ("1", "2")]
+    assert r.stderr.count("the folder splits differ between processes") == 2, r.stderr[-2000:]
+    assert "(rank 0: 12 training images" in r.stderr and "(rank 1: 11 training images" in r.stderr
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints", "last.pt"))
