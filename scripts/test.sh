@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite (CPU, 3-5 minutes on 2 cores: 215 s and 310 s on the project's VM on
-# 2026-12-03, whose speed drifts). Extra arguments go to pytest.
+# The whole test suite (CPU, 2-5 minutes on 2 cores: 133 s on the project's VM on 2026-12-06,
+# 215 s and 310 s on 2026-12-03: its speed drifts). Extra arguments go to pytest.
 # Two pytest workers (pytest-xdist), each taking whole files (module fixtures run once), and
 # one OpenMP thread per process: the workers, and the training processes the tests start,
 # share the cores without spin-waiting threads. Measured on 2 cores (2026-12-02): 182 s this way, 275 s
