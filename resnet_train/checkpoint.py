@@ -225,11 +225,11 @@ def split_change(old: dict, new: dict) -> str:
     return f"the same number of images, {new['images']}, but other files or labels"
 
 
-KEPT_BEST = "best_before_step_{}.pt"  # a best.pt set aside when validation changed
+KEPT_BEST = "best_before_step_"  # a best.pt set aside when validation changed
 
 
 def kept_best(step: int) -> str:
-    return KEPT_BEST.format(step)
+    return f"{KEPT_BEST}{step}.pt"
 
 
 def find_resumable(directory: str, warn=print,
@@ -241,7 +241,7 @@ def find_resumable(directory: str, warn=print,
     file's name and (global_step, epoch).
     """
     paths = [p for p in glob.glob(os.path.join(directory, "*.pt"))
-             if not os.path.basename(p).startswith((".tmp-", KEPT_BEST.split("{")[0]))]
+             if not os.path.basename(p).startswith((".tmp-", KEPT_BEST))]
     # last.pt, best.pt (and any other name), newest first by mtime; then the epoch files,
     # highest first, only down to the first loadable one: an older one is never further
     # on, and a run with keep_last 0 must not read 90 ResNet-50 checkpoints to resume.

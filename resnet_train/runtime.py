@@ -58,7 +58,7 @@ class Runtime:
         if self.device.type != "cuda":
             return None
         peak = torch.cuda.max_memory_allocated(self.device) / 2**30
-        torch.cuda.reset_peak_memory_stats(self.device)
+        self.reset_peak_memory()
         return peak
 
     def describe(self) -> str:

@@ -257,9 +257,9 @@ class Trainer:
                                                          self.cfg.checkpoint.every_epochs)
         names = ckpt_io.epoch_end_names(ckpt, every)  # the files the save that was cut wrote
         # (a best.pt set aside at this position, for a changed validation, was not cut)
-        missing = [n for n in names if positions.get(n) != position and not (
-            n == "best.pt" and os.path.exists(os.path.join(self.ckpt_dir,
-                                                           ckpt_io.kept_best(position[0]))))]
+        set_aside = os.path.exists(os.path.join(self.ckpt_dir, ckpt_io.kept_best(position[0])))
+        missing = [n for n in names if positions.get(n) != position
+                   and not (n == "best.pt" and set_aside)]
         for name in missing:
             ckpt_io.atomic_save(ckpt, os.path.join(self.ckpt_dir, name))
         ckpt_io.prune_epochs(self.ckpt_dir, self.cfg.checkpoint.keep_last)
